@@ -1,0 +1,33 @@
+"""Type stubs for the compiled HPACK codec (same API as meshproxy.codec.hpack_py)."""
+
+from collections.abc import Iterable, Sequence
+
+from meshproxy.codec.hpack_py import NeverIndexed as NeverIndexed
+
+Buffer = bytes | bytearray | memoryview
+Header = tuple[bytes, bytes]
+
+DEFAULT_TABLE_SIZE: int
+DEFAULT_MAX_HEADER_LIST_SIZE: int
+MAX_INTEGER: int
+
+def huffman_decode(data: Buffer) -> bytes: ...
+def huffman_encode(data: bytes | str) -> bytes: ...
+
+class Decoder:
+    max_header_list_size: int
+    max_table_size: int
+    def __init__(self, max_table_size: int = 4096, max_header_list_size: int = 65536) -> None: ...
+    @property
+    def table_size(self) -> int: ...
+    @property
+    def table_bytes(self) -> int: ...
+    def decode(self, block: Buffer) -> list[Header]: ...
+
+class Encoder:
+    header_table_size: int
+    def __init__(self, max_table_size: int = 4096) -> None: ...
+    @property
+    def table_size(self) -> int: ...
+    def encode(self, headers: Iterable[Sequence[bytes | str]], huffman: bool = True) -> bytes: ...
+    def encode_into(self, buf: bytearray, headers: Iterable[Sequence[bytes | str]], huffman: bool = True) -> int: ...

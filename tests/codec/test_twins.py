@@ -1,0 +1,76 @@
+"""The twins and their selector: same public names, the right twin chosen, a sans-IO core, vectors present."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from meshproxy import codec
+from tests.codec.conftest import VECTORS
+
+pytestmark = pytest.mark.codec
+
+# Modules the protocol core must never pull in: it takes bytes and returns
+# bytes, and only the transport layer touches sockets or an event loop.
+IO_MODULES = {"asyncio", "socket", "ssl", "selectors", "uvloop"}
+
+
+def _probe(env_extra: dict[str, str]) -> dict:
+    code = (
+        "import json, sys\n"
+        "from meshproxy import codec\n"
+        "print(json.dumps({'frames': codec.frames.__name__, 'hpack': codec.hpack.__name__,\n"
+        "                  'ext': codec.USING_EXTENSIONS, 'modules': sorted(sys.modules)}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MESHPROXY_NO_EXTENSIONS"} | env_extra
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def test_both_twins_export_the_same_names(twin):
+    frames_py, hpack_py = codec.pure()
+    assert sorted(twin.frames.__all__) == sorted(frames_py.__all__)
+    assert sorted(twin.hpack.__all__) == sorted(hpack_py.__all__)
+    for mod in (twin.frames, twin.hpack):
+        for name in mod.__all__:
+            assert hasattr(mod, name), f"{mod.__name__} lacks {name}"
+
+
+def test_both_twins_share_one_never_indexed_type(twin):
+    # A header decoded by one twin must stay never-indexed when re-encoded by the other.
+    assert twin.hpack.NeverIndexed is codec.pure()[1].NeverIndexed
+
+
+def test_selector_honours_no_extensions():
+    got = _probe({"MESHPROXY_NO_EXTENSIONS": "1"})
+    assert (got["frames"], got["hpack"], got["ext"]) == (
+        "meshproxy.codec.frames_py",
+        "meshproxy.codec.hpack_py",
+        False,
+    )
+
+
+def test_selector_prefers_compiled_twins():
+    if os.environ.get("MESHPROXY_NO_EXTENSIONS"):
+        pytest.skip("MESHPROXY_NO_EXTENSIONS is set: compiled twin not under test")
+    got = _probe({})
+    assert (got["frames"], got["hpack"], got["ext"]) == ("meshproxy._fast.frames", "meshproxy._fast.hpack", True)
+
+
+@pytest.mark.parametrize("no_ext", ["", "1"])
+def test_codec_is_sans_io(no_ext):
+    loaded = set(_probe({"MESHPROXY_NO_EXTENSIONS": no_ext} if no_ext else {})["modules"])
+    assert not loaded & IO_MODULES
+
+
+def test_vectors_are_present():
+    # The vector suites parametrize over these files: without them they would
+    # silently collect nothing.
+    frames = list((VECTORS / "http2-frame-test-case").glob("*/*.json"))
+    stories = list((VECTORS / "hpack-test-case").glob("*/story_*.json"))
+    assert len(frames) >= 30, f"frame vectors missing under {VECTORS}"
+    assert len(stories) >= 200, f"HPACK stories missing under {VECTORS}"
