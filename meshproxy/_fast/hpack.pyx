@@ -325,6 +325,8 @@ cdef class Decoder:
         return <tuple>self._ring[(self._head - idx) & self._mask]
 
     cdef bytes _string(self, const uint8_t* data, Py_ssize_t* pos, Py_ssize_t end):
+        if pos[0] >= end:
+            raise CompressionError("truncated string literal")
         cdef bint huffman = data[pos[0]] & 0x80
         cdef Py_ssize_t length = _read_int(data, pos, end, 7)
         cdef Py_ssize_t start = pos[0], need, n
@@ -376,6 +378,8 @@ cdef class Decoder:
 
 
 cdef inline int _skip_string(const uint8_t* data, Py_ssize_t* pos, Py_ssize_t end) except -1:
+    if pos[0] >= end:
+        raise CompressionError("truncated string literal")
     cdef Py_ssize_t length = _read_int(data, pos, end, 7)
     if length > end - pos[0]:
         raise CompressionError("string literal runs past the end of the block")
