@@ -51,7 +51,7 @@ cdef uint8_t* grow(bytearray buf, Py_ssize_t n) except NULL
 
 
 cdef class Frame:
-    cdef readonly uint8_t type
+    # ``type`` is a class attribute of each concrete frame class, as in the twin.
     cdef readonly uint8_t flags
     cdef readonly uint32_t stream_id
     cdef readonly uint32_t length
@@ -121,7 +121,7 @@ cdef class FrameParser:
 
     cdef Frame _next(self)
     cdef const uint8_t* _at(self, Py_ssize_t off)
-    cdef void _init(self, Frame f, uint8_t ftype, uint8_t flags, uint32_t sid, uint32_t length)
+    cdef void _init(self, Frame f, uint8_t flags, uint32_t sid, uint32_t length)
     cdef void _init_block(self, _Block f, Py_ssize_t start, Py_ssize_t end, Py_ssize_t payload_end)
     cdef DataFrame _data(self, uint8_t flags, uint32_t sid, Py_ssize_t start, uint32_t length)
     cdef HeadersFrame _headers(self, uint8_t flags, uint32_t sid, Py_ssize_t start, uint32_t length)

@@ -47,6 +47,8 @@ cdef enum:
 cdef class Frame:
     """One parsed frame. ``length`` is the payload length on the wire."""
 
+    type = -1
+
     def __init__(self, *args, **kwargs):
         raise TypeError("frames are made by FrameParser; use the write_* functions to build bytes")
 
@@ -73,6 +75,8 @@ cdef class _Block(Frame):
 
 @cython.freelist(32)
 cdef class DataFrame(_Block):
+    type = DATA
+
     @property
     def end_stream(self):
         return bool(self.flags & F_END_STREAM)
@@ -92,6 +96,8 @@ cdef class DataFrame(_Block):
 
 @cython.freelist(32)
 cdef class HeadersFrame(_Block):
+    type = HEADERS
+
     @property
     def end_stream(self):
         return bool(self.flags & F_END_STREAM)
@@ -116,6 +122,8 @@ cdef class HeadersFrame(_Block):
 
 
 cdef class PriorityFrame(Frame):
+    type = PRIORITY
+
     def serialize_into(self, bytearray buf):
         write_priority(buf, self.stream_id, self.depends_on, self.weight, self.exclusive)
 
@@ -124,6 +132,8 @@ cdef class PriorityFrame(Frame):
 
 
 cdef class RstStreamFrame(Frame):
+    type = RST_STREAM
+
     def serialize_into(self, bytearray buf):
         write_rst_stream(buf, self.stream_id, self.error_code)
 
@@ -132,6 +142,8 @@ cdef class RstStreamFrame(Frame):
 
 
 cdef class SettingsFrame(Frame):
+    type = SETTINGS
+
     @property
     def ack(self):
         return bool(self.flags & F_ACK)
@@ -144,6 +156,8 @@ cdef class SettingsFrame(Frame):
 
 
 cdef class PushPromiseFrame(_Block):
+    type = PUSH_PROMISE
+
     @property
     def end_headers(self):
         return bool(self.flags & F_END_HEADERS)
@@ -158,6 +172,8 @@ cdef class PushPromiseFrame(_Block):
 
 @cython.freelist(8)
 cdef class PingFrame(Frame):
+    type = PING
+
     @property
     def ack(self):
         return bool(self.flags & F_ACK)
@@ -170,6 +186,8 @@ cdef class PingFrame(Frame):
 
 
 cdef class GoAwayFrame(_Block):
+    type = GOAWAY
+
     @property
     def additional_data(self):
         return self._mv[self._start:self._end]
@@ -183,6 +201,8 @@ cdef class GoAwayFrame(_Block):
 
 @cython.freelist(32)
 cdef class WindowUpdateFrame(Frame):
+    type = WINDOW_UPDATE
+
     def serialize_into(self, bytearray buf):
         write_window_update(buf, self.stream_id, self.increment)
 
@@ -191,6 +211,8 @@ cdef class WindowUpdateFrame(Frame):
 
 
 cdef class ContinuationFrame(_Block):
+    type = CONTINUATION
+
     @property
     def end_headers(self):
         return bool(self.flags & F_END_HEADERS)
@@ -324,8 +346,7 @@ cdef class FrameParser:
     cdef inline const uint8_t* _at(self, Py_ssize_t off):
         return <const uint8_t*>PyBytes_AS_STRING(self._buf) + off
 
-    cdef inline void _init(self, Frame f, uint8_t ftype, uint8_t flags, uint32_t sid, uint32_t length):
-        f.type = ftype
+    cdef inline void _init(self, Frame f, uint8_t flags, uint32_t sid, uint32_t length):
         f.flags = flags
         f.stream_id = sid
         f.length = length
@@ -339,7 +360,7 @@ cdef class FrameParser:
     cdef DataFrame _data(self, uint8_t flags, uint32_t sid, Py_ssize_t start, uint32_t length):
         _need_stream(sid, "DATA")
         cdef DataFrame f = DataFrame.__new__(DataFrame)
-        self._init(f, T_DATA, flags, sid, length)
+        self._init(f, flags, sid, length)
         cdef Py_ssize_t end = start + length
         cdef uint8_t pad = 0
         if flags & F_PADDED:
@@ -357,7 +378,7 @@ cdef class FrameParser:
     cdef HeadersFrame _headers(self, uint8_t flags, uint32_t sid, Py_ssize_t start, uint32_t length):
         _need_stream(sid, "HEADERS")
         cdef HeadersFrame f = HeadersFrame.__new__(HeadersFrame)
-        self._init(f, T_HEADERS, flags, sid, length)
+        self._init(f, flags, sid, length)
         cdef Py_ssize_t end = start + length
         cdef uint8_t pad = 0
         cdef uint32_t dep
@@ -391,7 +412,7 @@ cdef class FrameParser:
         if length != 5:
             raise FrameSizeError(f"PRIORITY frame of length {length}", stream_id=sid)
         cdef PriorityFrame f = PriorityFrame.__new__(PriorityFrame)
-        self._init(f, T_PRIORITY, flags, sid, length)
+        self._init(f, flags, sid, length)
         cdef uint32_t dep = read_u32(self._at(start))
         f.depends_on = dep & STREAM_MASK
         f.exclusive = dep >> 31
@@ -405,7 +426,7 @@ cdef class FrameParser:
         if length != 4:
             raise FrameSizeError(f"RST_STREAM frame of length {length}")
         cdef RstStreamFrame f = RstStreamFrame.__new__(RstStreamFrame)
-        self._init(f, T_RST_STREAM, flags, sid, length)
+        self._init(f, flags, sid, length)
         f.error_code = read_u32(self._at(start))
         return f
 
@@ -416,7 +437,7 @@ cdef class FrameParser:
         if length % 6:
             raise FrameSizeError(f"SETTINGS frame of length {length}, not a multiple of 6")
         cdef SettingsFrame f = SettingsFrame.__new__(SettingsFrame)
-        self._init(f, T_SETTINGS, flags, sid, length)
+        self._init(f, flags, sid, length)
         cdef list settings = []
         cdef const uint8_t* p = self._at(start)
         cdef uint32_t i, ident, value
@@ -431,7 +452,7 @@ cdef class FrameParser:
     cdef PushPromiseFrame _push_promise(self, uint8_t flags, uint32_t sid, Py_ssize_t start, uint32_t length):
         _need_stream(sid, "PUSH_PROMISE")
         cdef PushPromiseFrame f = PushPromiseFrame.__new__(PushPromiseFrame)
-        self._init(f, T_PUSH_PROMISE, flags, sid, length)
+        self._init(f, flags, sid, length)
         cdef Py_ssize_t end = start + length
         cdef uint8_t pad = 0
         if flags & F_PADDED:
@@ -459,7 +480,7 @@ cdef class FrameParser:
         if length != 8:
             raise FrameSizeError(f"PING frame of length {length}")
         cdef PingFrame f = PingFrame.__new__(PingFrame)
-        self._init(f, T_PING, flags, sid, length)
+        self._init(f, flags, sid, length)
         f.opaque_data = PyBytes_FromStringAndSize(<const char*>self._at(start), 8)
         return f
 
@@ -468,7 +489,7 @@ cdef class FrameParser:
         if length < 8:
             raise FrameSizeError(f"GOAWAY frame of length {length}")
         cdef GoAwayFrame f = GoAwayFrame.__new__(GoAwayFrame)
-        self._init(f, T_GOAWAY, flags, sid, length)
+        self._init(f, flags, sid, length)
         f.last_stream_id = read_u32(self._at(start)) & STREAM_MASK
         f.error_code = read_u32(self._at(start + 4))
         self._init_block(f, start + 8, start + length, start + length)
@@ -478,7 +499,7 @@ cdef class FrameParser:
         if length != 4:
             raise FrameSizeError(f"WINDOW_UPDATE frame of length {length}")
         cdef WindowUpdateFrame f = WindowUpdateFrame.__new__(WindowUpdateFrame)
-        self._init(f, T_WINDOW_UPDATE, flags, sid, length)
+        self._init(f, flags, sid, length)
         f.increment = read_u32(self._at(start)) & STREAM_MASK
         if f.increment == 0:
             raise ProtocolError("WINDOW_UPDATE with increment 0", stream_id=sid or None)
@@ -489,7 +510,7 @@ cdef class FrameParser:
         if self._header_block_stream != sid:
             raise ProtocolError(f"CONTINUATION on stream {sid} outside a header block")
         cdef ContinuationFrame f = ContinuationFrame.__new__(ContinuationFrame)
-        self._init(f, T_CONTINUATION, flags, sid, length)
+        self._init(f, flags, sid, length)
         self._init_block(f, start, start + length, start + length)
         if flags & F_END_HEADERS:
             self._header_block_stream = 0
@@ -519,6 +540,12 @@ cdef uint8_t* grow(bytearray buf, Py_ssize_t n) except NULL:
 cdef inline int _stream_arg(object stream_id, str name) except -1:
     if not 0 < stream_id <= STREAM_MASK:
         raise ValueError(f"{name} needs a stream id in [1, 2^31-1], got {stream_id}")
+    return 0
+
+
+cdef inline int _u32_arg(object value, str name) except -1:
+    if not 0 <= value <= 0xFFFFFFFF:
+        raise ValueError(f"{name} {value} out of range [0, 2^32-1]")
     return 0
 
 
@@ -563,6 +590,10 @@ def write_frame_header(bytearray buf, length, ftype, flags, stream_id):
         raise ValueError(f"frame length {length} out of range")
     if not 0 <= stream_id <= STREAM_MASK:
         raise ValueError(f"stream id {stream_id} out of range")
+    if not 0 <= ftype <= 0xFF:
+        raise ValueError(f"frame type {ftype} out of range")
+    if not 0 <= flags <= 0xFF:
+        raise ValueError(f"flags {flags} out of range")
     put_frame_header(grow(buf, HEADER_SIZE), length, ftype, flags, stream_id)
 
 
@@ -604,8 +635,9 @@ def write_priority(bytearray buf, stream_id, depends_on, weight, bint exclusive=
     _write(buf, T_PRIORITY, 0, stream_id, b"", 0, prio, 5)
 
 
-def write_rst_stream(bytearray buf, stream_id, uint32_t error_code):
+def write_rst_stream(bytearray buf, stream_id, error_code):
     _stream_arg(stream_id, "RST_STREAM")
+    _u32_arg(error_code, "error code")
     cdef uint8_t* out = grow(buf, HEADER_SIZE + 4)
     put_frame_header(out, 4, T_RST_STREAM, 0, stream_id)
     put_u32(out + HEADER_SIZE, error_code)
@@ -615,18 +647,20 @@ def write_settings(bytearray buf, settings=(), bint ack=False):
     settings = list(settings)
     if ack and settings:
         raise ValueError("a SETTINGS ACK carries no settings")
+    for ident, value in settings:
+        if not 0 <= ident <= 0xFFFF:
+            raise ValueError(f"setting identifier {ident} out of range [0, 2^16-1]")
+        _u32_arg(value, "setting value")
     cdef Py_ssize_t n = len(settings)
     cdef uint8_t* out = grow(buf, HEADER_SIZE + 6 * n)
     put_frame_header(out, <uint32_t>(6 * n), T_SETTINGS, F_ACK if ack else 0, 0)
     out += HEADER_SIZE
-    cdef uint32_t ident, value
+    cdef uint32_t c_ident, c_value
     for item in settings:
-        ident, value = item
-        if ident > 0xFFFF:
-            raise ValueError(f"setting id {ident} out of range")
-        out[0] = ident >> 8
-        out[1] = ident
-        put_u32(out + 2, value)
+        c_ident, c_value = item
+        out[0] = c_ident >> 8
+        out[1] = c_ident
+        put_u32(out + 2, c_value)
         out += 6
 
 
@@ -647,9 +681,10 @@ def write_ping(bytearray buf, opaque_data, bint ack=False):
     _write(buf, T_PING, F_ACK if ack else 0, 0, opaque_data, 0, NULL, 0)
 
 
-def write_goaway(bytearray buf, last_stream_id, uint32_t error_code, additional_data=b""):
+def write_goaway(bytearray buf, last_stream_id, error_code, additional_data=b""):
     if not 0 <= last_stream_id <= STREAM_MASK:
         raise ValueError(f"last stream id {last_stream_id} out of range")
+    _u32_arg(error_code, "error code")
     cdef uint8_t fields[8]
     put_u32(fields, last_stream_id)
     put_u32(fields + 4, error_code)
