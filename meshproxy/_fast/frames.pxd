@@ -116,6 +116,9 @@ cdef class FrameParser:
     cdef bytes _buf
     cdef object _mv
     cdef Py_ssize_t _pos
+    cdef list _held            # reads kept while the next frame is incomplete
+    cdef Py_ssize_t _held_len
+    cdef Py_ssize_t _need      # bytes the next frame needs, from _pos
     cdef uint32_t _max_frame_size
     cdef uint32_t _header_block_stream
 

@@ -250,6 +250,13 @@ cdef class FrameParser:
         self._buf = b""
         self._mv = memoryview(self._buf)
         self._pos = 0
+        # Reads kept aside while the next frame is still incomplete, and the
+        # bytes that frame needs: they are joined once, when it is whole, so
+        # a large frame arriving in many small reads is copied once, not once
+        # per read.
+        self._held = []
+        self._held_len = 0
+        self._need = 0
         self._header_block_stream = 0
         self.max_frame_size = max_frame_size
 
@@ -266,7 +273,7 @@ cdef class FrameParser:
     @property
     def buffered(self):
         """Bytes fed but not yet returned as frames."""
-        return PyBytes_GET_SIZE(self._buf) - self._pos
+        return PyBytes_GET_SIZE(self._buf) - self._pos + self._held_len
 
     @property
     def header_block_stream(self):
@@ -276,12 +283,24 @@ cdef class FrameParser:
     def feed(self, data):
         if type(data) is not bytes:
             data = bytes(data)
-        if self._pos >= PyBytes_GET_SIZE(self._buf):
-            self._buf = <bytes>data
-        else:
+        cdef Py_ssize_t left = PyBytes_GET_SIZE(self._buf) - self._pos
+        if left > 0:
             # Only the partial frame left over is copied; whole frames in
             # ``data`` are then sliced in place.
-            self._buf = self._buf[self._pos:] + <bytes>data
+            self._held.append(self._buf[self._pos:])
+            self._held_len += left
+            self._buf = b""
+            self._pos = 0
+            self._mv = memoryview(self._buf)
+        if self._held:
+            self._held.append(data)
+            self._held_len += PyBytes_GET_SIZE(<bytes>data)
+            if self._held_len < self._need:
+                return
+            data = b"".join(self._held)
+            self._held = []
+            self._held_len = 0
+        self._buf = <bytes>data
         self._pos = 0
         self._mv = memoryview(self._buf)
 
@@ -303,6 +322,8 @@ cdef class FrameParser:
         while True:
             avail = PyBytes_GET_SIZE(self._buf) - self._pos
             if avail < HEADER_SIZE:
+                if not self._held_len:  # else the held reads already know their need
+                    self._need = HEADER_SIZE
                 return None
             p = base + self._pos
             length = (<uint32_t>p[0] << 16) | (<uint32_t>p[1] << 8) | p[2]
@@ -311,6 +332,7 @@ cdef class FrameParser:
                 raise FrameSizeError(
                     f"frame of type {ftype} has length {length} > max frame size {self._max_frame_size}")
             if avail < HEADER_SIZE + length:
+                self._need = HEADER_SIZE + length
                 return None
             flags = p[4]
             sid = read_u32(p + 5) & STREAM_MASK

@@ -277,12 +277,19 @@ class FrameParser:
     After a connection error the parser must not be used again.
     """
 
-    __slots__ = ("_buf", "_header_block_stream", "_max_frame_size", "_mv", "_pos")
+    __slots__ = ("_buf", "_header_block_stream", "_held", "_held_len", "_max_frame_size", "_mv", "_need", "_pos")
 
     def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
         self._buf = b""
         self._mv = memoryview(b"")
         self._pos = 0
+        # Reads kept aside while the next frame is still incomplete, and the
+        # bytes that frame needs: they are joined once, when it is whole, so
+        # a large frame arriving in many small reads is copied once, not once
+        # per read.
+        self._held: list[bytes] = []
+        self._held_len = 0
+        self._need = 0
         self._header_block_stream = 0
         self.max_frame_size = max_frame_size
 
@@ -299,7 +306,7 @@ class FrameParser:
     @property
     def buffered(self) -> int:
         """Bytes fed but not yet returned as frames."""
-        return len(self._buf) - self._pos
+        return len(self._buf) - self._pos + self._held_len
 
     @property
     def header_block_stream(self) -> int:
@@ -309,14 +316,25 @@ class FrameParser:
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         if type(data) is not bytes:
             data = bytes(data)
-        if self._pos >= len(self._buf):
-            self._buf = data
-        else:
+        if self._pos < len(self._buf):
             # Only the partial frame left over is copied; whole frames in
             # ``data`` are then sliced in place.
-            self._buf = self._buf[self._pos :] + data
+            self._held.append(self._buf[self._pos :])
+            self._held_len += len(self._buf) - self._pos
+            self._buf = b""
+            self._pos = 0
+            self._mv = memoryview(self._buf)
+        if self._held:
+            self._held.append(data)
+            self._held_len += len(data)
+            if self._held_len < self._need:
+                return
+            data = b"".join(self._held)
+            self._held.clear()
+            self._held_len = 0
+        self._buf = data
         self._pos = 0
-        self._mv = memoryview(self._buf)
+        self._mv = memoryview(data)
 
     def __iter__(self) -> FrameParser:
         return self
@@ -327,6 +345,8 @@ class FrameParser:
             pos = self._pos
             avail = len(buf) - pos
             if avail < 9:
+                if not self._held_len:  # else the held reads already know their need
+                    self._need = 9
                 raise StopIteration
             length = (buf[pos] << 16) | (buf[pos + 1] << 8) | buf[pos + 2]
             ftype = buf[pos + 3]
@@ -335,6 +355,7 @@ class FrameParser:
                     f"frame of type {ftype} has length {length} > max frame size {self._max_frame_size}"
                 )
             if avail < 9 + length:
+                self._need = 9 + length
                 raise StopIteration
             flags = buf[pos + 4]
             stream_id = _U32.unpack_from(buf, pos + 5)[0] & _STREAM_MASK
