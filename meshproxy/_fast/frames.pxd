@@ -22,6 +22,7 @@ cdef enum:
     F_PRIORITY = 0x20
 
     HEADER_SIZE = 9
+    HOLD_PIECE = 4096
     MIN_MAX_FRAME_SIZE = 16384
     MAX_FRAME_LENGTH = 16777215
 
@@ -116,13 +117,15 @@ cdef class FrameParser:
     cdef bytes _buf
     cdef object _mv
     cdef Py_ssize_t _pos
-    cdef list _held            # reads kept while the next frame is incomplete
-    cdef Py_ssize_t _held_len
+    cdef list _held            # pieces of the incomplete next frame
+    cdef bytearray _tail       # short reads coalesced before they are held
+    cdef Py_ssize_t _held_len  # bytes in _held and _tail
     cdef Py_ssize_t _need      # bytes the next frame needs, from _pos
     cdef uint32_t _max_frame_size
     cdef uint32_t _header_block_stream
 
     cdef Frame _next(self)
+    cdef int _hold(self, bytes piece) except -1
     cdef const uint8_t* _at(self, Py_ssize_t off)
     cdef void _init(self, Frame f, uint8_t flags, uint32_t sid, uint32_t length)
     cdef void _init_block(self, _Block f, Py_ssize_t start, Py_ssize_t end, Py_ssize_t payload_end)

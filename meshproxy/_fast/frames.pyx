@@ -250,11 +250,14 @@ cdef class FrameParser:
         self._buf = b""
         self._mv = memoryview(self._buf)
         self._pos = 0
-        # Reads kept aside while the next frame is still incomplete, and the
-        # bytes that frame needs: they are joined once, when it is whole, so
-        # a large frame arriving in many small reads is copied once, not once
-        # per read.
+        # The pieces of an incomplete frame and the bytes that frame needs:
+        # they are joined once, when it is whole, so a large frame arriving in
+        # many reads is copied once, not once per read. Reads shorter than
+        # HOLD_PIECE are coalesced in ``_tail`` first, so that a peer
+        # trickling a frame a byte at a time costs memory in proportion to
+        # the frame, not to the number of reads.
         self._held = []
+        self._tail = bytearray()
         self._held_len = 0
         self._need = 0
         self._header_block_stream = 0
@@ -287,22 +290,37 @@ cdef class FrameParser:
         if left > 0:
             # Only the partial frame left over is copied; whole frames in
             # ``data`` are then sliced in place.
-            self._held.append(self._buf[self._pos:])
-            self._held_len += left
+            self._hold(self._buf[self._pos:])
             self._buf = b""
             self._pos = 0
             self._mv = memoryview(self._buf)
-        if self._held:
-            self._held.append(data)
-            self._held_len += PyBytes_GET_SIZE(<bytes>data)
+        if self._held_len:
+            self._hold(<bytes>data)
             if self._held_len < self._need:
                 return
+            if self._tail:
+                self._held.append(bytes(self._tail))
+                del self._tail[:]
             data = b"".join(self._held)
             self._held = []
             self._held_len = 0
         self._buf = <bytes>data
         self._pos = 0
         self._mv = memoryview(self._buf)
+
+    cdef int _hold(self, bytes piece) except -1:
+        self._held_len += PyBytes_GET_SIZE(piece)
+        if PyBytes_GET_SIZE(piece) >= HOLD_PIECE:
+            if self._tail:
+                self._held.append(bytes(self._tail))
+                del self._tail[:]
+            self._held.append(piece)
+        else:
+            self._tail += piece
+            if PyByteArray_GET_SIZE(self._tail) >= HOLD_PIECE:
+                self._held.append(bytes(self._tail))
+                del self._tail[:]
+        return 0
 
     def __iter__(self):
         return self

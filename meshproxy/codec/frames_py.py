@@ -77,6 +77,8 @@ _PRIO = struct.Struct(">LB")
 _SETTING = struct.Struct(">HL")
 _U32x2 = struct.Struct(">LL")
 _MAX_LENGTH = MAX_MAX_FRAME_SIZE
+#: Reads of an incomplete frame shorter than this are coalesced before being held.
+HOLD_PIECE = 4096
 _STREAM_MASK = 0x7FFFFFFF
 
 
@@ -277,17 +279,30 @@ class FrameParser:
     After a connection error the parser must not be used again.
     """
 
-    __slots__ = ("_buf", "_header_block_stream", "_held", "_held_len", "_max_frame_size", "_mv", "_need", "_pos")
+    __slots__ = (
+        "_buf",
+        "_header_block_stream",
+        "_held",
+        "_held_len",
+        "_max_frame_size",
+        "_mv",
+        "_need",
+        "_pos",
+        "_tail",
+    )
 
     def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
         self._buf = b""
         self._mv = memoryview(b"")
         self._pos = 0
-        # Reads kept aside while the next frame is still incomplete, and the
-        # bytes that frame needs: they are joined once, when it is whole, so
-        # a large frame arriving in many small reads is copied once, not once
-        # per read.
+        # The pieces of an incomplete frame and the bytes that frame needs:
+        # they are joined once, when it is whole, so a large frame arriving in
+        # many reads is copied once, not once per read. Reads shorter than
+        # HOLD_PIECE are coalesced in ``_tail`` first, so that a peer
+        # trickling a frame a byte at a time costs memory in proportion to
+        # the frame, not to the number of reads.
         self._held: list[bytes] = []
+        self._tail = bytearray()
         self._held_len = 0
         self._need = 0
         self._header_block_stream = 0
@@ -319,22 +334,36 @@ class FrameParser:
         if self._pos < len(self._buf):
             # Only the partial frame left over is copied; whole frames in
             # ``data`` are then sliced in place.
-            self._held.append(self._buf[self._pos :])
-            self._held_len += len(self._buf) - self._pos
+            self._hold(self._buf[self._pos :])
             self._buf = b""
             self._pos = 0
             self._mv = memoryview(self._buf)
-        if self._held:
-            self._held.append(data)
-            self._held_len += len(data)
+        if self._held_len:
+            self._hold(data)
             if self._held_len < self._need:
                 return
+            if self._tail:
+                self._held.append(bytes(self._tail))
+                self._tail.clear()
             data = b"".join(self._held)
             self._held.clear()
             self._held_len = 0
         self._buf = data
         self._pos = 0
         self._mv = memoryview(data)
+
+    def _hold(self, piece: bytes) -> None:
+        self._held_len += len(piece)
+        if len(piece) >= HOLD_PIECE:
+            if self._tail:
+                self._held.append(bytes(self._tail))
+                self._tail.clear()
+            self._held.append(piece)
+        else:
+            self._tail += piece
+            if len(self._tail) >= HOLD_PIECE:
+                self._held.append(bytes(self._tail))
+                self._tail.clear()
 
     def __iter__(self) -> FrameParser:
         return self
