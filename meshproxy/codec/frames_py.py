@@ -16,6 +16,7 @@ after the offending frame, so the caller can reset that stream and carry on.
 from __future__ import annotations
 
 import struct
+from typing import TypeVar
 
 from meshproxy.codec.constants import (
     CONTINUATION,
@@ -82,16 +83,17 @@ HOLD_PIECE = 4096
 _STREAM_MASK = 0x7FFFFFFF
 
 
+_F = TypeVar("_F", bound="Frame")
+
+
 class Frame:
     """One parsed frame. ``length`` is the payload length on the wire."""
 
     __slots__ = ("flags", "length", "stream_id")
     type: int = -1
 
-    def __init__(self, flags: int, stream_id: int, length: int) -> None:
-        self.flags = flags
-        self.stream_id = stream_id
-        self.length = length
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        raise TypeError("frames are made by FrameParser; use the write_* functions to build bytes")
 
     def serialize_into(self, buf: bytearray) -> None:
         raise NotImplementedError  # every concrete frame type overrides this
@@ -405,7 +407,7 @@ class FrameParser:
 
     def _data(self, flags: int, sid: int, start: int, length: int) -> Frame:
         _need_stream(sid, "DATA")
-        f = DataFrame(flags, sid, length)
+        f = _make(DataFrame, flags, sid, length)
         end = start + length
         if flags & FLAG_PADDED:
             start, end, f.pad_length = self._padding(start, end, "DATA")
@@ -417,7 +419,7 @@ class FrameParser:
 
     def _headers(self, flags: int, sid: int, start: int, length: int) -> Frame:
         _need_stream(sid, "HEADERS")
-        f = HeadersFrame(flags, sid, length)
+        f = _make(HeadersFrame, flags, sid, length)
         end = start + length
         pad = 0
         if flags & FLAG_PADDED:
@@ -445,7 +447,7 @@ class FrameParser:
         _need_stream(sid, "PRIORITY")
         if length != 5:
             raise FrameSizeError(f"PRIORITY frame of length {length}", stream_id=sid)
-        f = PriorityFrame(flags, sid, length)
+        f = _make(PriorityFrame, flags, sid, length)
         f.depends_on, f.weight, f.exclusive = _priority(self._buf, start)
         if f.depends_on == sid:
             raise ProtocolError("stream depends on itself", stream_id=sid)
@@ -455,7 +457,7 @@ class FrameParser:
         _need_stream(sid, "RST_STREAM")
         if length != 4:
             raise FrameSizeError(f"RST_STREAM frame of length {length}")
-        f = RstStreamFrame(flags, sid, length)
+        f = _make(RstStreamFrame, flags, sid, length)
         f.error_code = _U32.unpack_from(self._buf, start)[0]
         return f
 
@@ -465,7 +467,7 @@ class FrameParser:
             raise FrameSizeError("SETTINGS ACK with a payload")
         if length % 6:
             raise FrameSizeError(f"SETTINGS frame of length {length}, not a multiple of 6")
-        f = SettingsFrame(flags, sid, length)
+        f = _make(SettingsFrame, flags, sid, length)
         settings = []
         for off in range(start, start + length, 6):
             ident, value = _SETTING.unpack_from(self._buf, off)
@@ -476,7 +478,7 @@ class FrameParser:
 
     def _push_promise(self, flags: int, sid: int, start: int, length: int) -> Frame:
         _need_stream(sid, "PUSH_PROMISE")
-        f = PushPromiseFrame(flags, sid, length)
+        f = _make(PushPromiseFrame, flags, sid, length)
         end = start + length
         pad = 0
         if flags & FLAG_PADDED:
@@ -504,7 +506,7 @@ class FrameParser:
         _need_connection(sid, "PING")
         if length != 8:
             raise FrameSizeError(f"PING frame of length {length}")
-        f = PingFrame(flags, sid, length)
+        f = _make(PingFrame, flags, sid, length)
         f.opaque_data = self._buf[start : start + 8]
         return f
 
@@ -512,7 +514,7 @@ class FrameParser:
         _need_connection(sid, "GOAWAY")
         if length < 8:
             raise FrameSizeError(f"GOAWAY frame of length {length}")
-        f = GoAwayFrame(flags, sid, length)
+        f = _make(GoAwayFrame, flags, sid, length)
         last, f.error_code = _U32x2.unpack_from(self._buf, start)
         f.last_stream_id = last & _STREAM_MASK
         f.additional_data = self._mv[start + 8 : start + length]
@@ -521,7 +523,7 @@ class FrameParser:
     def _window_update(self, flags: int, sid: int, start: int, length: int) -> Frame:
         if length != 4:
             raise FrameSizeError(f"WINDOW_UPDATE frame of length {length}")
-        f = WindowUpdateFrame(flags, sid, length)
+        f = _make(WindowUpdateFrame, flags, sid, length)
         f.increment = _U32.unpack_from(self._buf, start)[0] & _STREAM_MASK
         if f.increment == 0:
             raise ProtocolError("WINDOW_UPDATE with increment 0", stream_id=sid or None)
@@ -531,7 +533,7 @@ class FrameParser:
         _need_stream(sid, "CONTINUATION")
         if self._header_block_stream != sid:
             raise ProtocolError(f"CONTINUATION on stream {sid} outside a header block")
-        f = ContinuationFrame(flags, sid, length)
+        f = _make(ContinuationFrame, flags, sid, length)
         f.data = self._mv[start : start + length]
         if flags & FLAG_END_HEADERS:
             self._header_block_stream = 0
@@ -558,6 +560,14 @@ _PARSERS = {
     WINDOW_UPDATE: FrameParser._window_update,
     CONTINUATION: FrameParser._continuation,
 }
+
+
+def _make(cls: type[_F], flags: int, sid: int, length: int) -> _F:
+    f = cls.__new__(cls)
+    f.flags = flags
+    f.stream_id = sid
+    f.length = length
+    return f
 
 
 def _need_stream(sid: int, name: str) -> None:

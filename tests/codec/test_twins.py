@@ -74,3 +74,30 @@ def test_vectors_are_present():
     stories = list((VECTORS / "hpack-test-case").glob("*/story_*.json"))
     assert len(frames) >= 30, f"frame vectors missing under {VECTORS}"
     assert len(stories) >= 200, f"HPACK stories missing under {VECTORS}"
+
+
+def test_frames_are_only_made_by_the_parser(twin):
+    with pytest.raises(TypeError):
+        twin.frames.DataFrame(0, 1, 0)
+
+
+@pytest.mark.parametrize("module", ["frames", "hpack"])
+def test_stubs_declare_every_public_name(module):
+    # The .pyi beside each compiled module is what type checkers and editors
+    # see: it must name everything the module exports.
+    import ast
+    from pathlib import Path
+
+    import meshproxy._fast
+
+    stub = Path(meshproxy._fast.__file__).with_name(f"{module}.pyi")
+    declared = set()
+    for node in ast.parse(stub.read_text()).body:
+        if isinstance(node, ast.ClassDef | ast.FunctionDef):
+            declared.add(node.name)
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            declared.add(node.target.id)
+        elif isinstance(node, ast.ImportFrom):
+            declared.update(alias.asname or alias.name for alias in node.names)
+    exported = set(codec.pure()[0 if module == "frames" else 1].__all__)
+    assert exported <= declared, f"{module}.pyi lacks {sorted(exported - declared)}"
