@@ -17,6 +17,7 @@ from meshproxy.codec.constants import (
 )
 from meshproxy.errors import H2Error
 from tests.codec.conftest import VECTORS
+from tests.codec.wire import drain
 
 pytestmark = pytest.mark.codec
 
@@ -51,16 +52,6 @@ def _load(path: Path) -> dict:
 def _as_bytes(value: object) -> bytes:
     # Text payloads in the vectors are plain ASCII strings.
     return value.encode("ascii") if isinstance(value, str) else bytes(value)
-
-
-def drain(parser) -> list:
-    """The frames available now; fails (instead of hanging) if the parser returns frames without consuming."""
-    limit = parser.buffered // 9  # every frame takes at least its 9-octet header
-    out = []
-    for f in parser:
-        out.append(f)
-        assert len(out) <= limit, "parser returns frames without consuming input"
-    return out
 
 
 def _parse_one(frames, wire: bytes, prefix: bytes = b""):

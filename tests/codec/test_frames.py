@@ -37,6 +37,7 @@ from meshproxy.codec.constants import (
     WINDOW_UPDATE,
 )
 from meshproxy.errors import ErrorCode, FlowControlError, FrameSizeError, H2Error, ProtocolError
+from tests.codec.wire import drain
 
 pytestmark = pytest.mark.codec
 
@@ -64,16 +65,6 @@ def raw_frame(ftype: int, flags: int, sid: int, payload: bytes = b"", length: in
     """A frame built by hand, bypassing our writers (so it can break every rule)."""
     n = len(payload) if length is None else length
     return struct.pack(">BHBBL", n >> 16, n & 0xFFFF, ftype, flags, sid) + payload
-
-
-def drain(parser) -> list:
-    """The frames available now; fails (instead of hanging) if the parser returns frames without consuming."""
-    limit = parser.buffered // 9  # every frame takes at least its 9-octet header
-    out = []
-    for f in parser:
-        out.append(f)
-        assert len(out) <= limit, "parser returns frames without consuming input"
-    return out
 
 
 def parse_all(frames, data: bytes, **kw) -> list:

@@ -48,6 +48,7 @@ from meshproxy.codec.constants import (
     WINDOW_UPDATE,
 )
 from meshproxy.errors import ErrorCode, H2Error
+from tests.codec.wire import drain
 
 pytestmark = pytest.mark.codec
 
@@ -300,16 +301,6 @@ def _defined(hf, raw_flags: int) -> int:
 
 
 # Running ours the same way ---------------------------------------------------------------------------------
-
-
-def drain(parser) -> list:
-    """The frames available now; fails (instead of hanging) if the parser returns frames without consuming."""
-    limit = parser.buffered // 9  # every frame takes at least its 9-octet header
-    out = []
-    for f in parser:
-        out.append(f)
-        assert len(out) <= limit, "parser returns frames without consuming input"
-    return out
 
 
 def ours(frames, wire: bytes, prefix: bytes = b"", max_frame_size: int = DEFAULT_MAX_FRAME_SIZE):

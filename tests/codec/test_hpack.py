@@ -13,6 +13,7 @@ from hpack.huffman_table import decode_huffman
 
 from meshproxy.codec.hpack_tables import NEVER_INDEXED_NAMES, STATIC_TABLE, UNINDEXED_NAMES
 from meshproxy.errors import CompressionError, ErrorCode, H2Error, HeaderListTooLarge, ProtocolError
+from tests.codec.wire import enc_int
 
 pytestmark = pytest.mark.codec
 
@@ -23,19 +24,6 @@ for _i, (_name, _value) in enumerate(STATIC_TABLE, 1):
 
 
 # -- independent wire builders (RFC 7541 §5.1, §5.2, §6), raw strings only ----------------------------------
-
-
-def enc_int(value: int, prefix: int, first: int = 0) -> bytes:
-    mask = (1 << prefix) - 1
-    if value < mask:
-        return bytes([first | value])
-    out = [first | mask]
-    value -= mask
-    while value >= 0x80:
-        out.append(0x80 | (value & 0x7F))
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 def raw_str(s: bytes) -> bytes:

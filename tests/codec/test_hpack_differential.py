@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from meshproxy.codec.hpack_tables import NEVER_INDEXED_NAMES
 from meshproxy.errors import CompressionError, HeaderListTooLarge
+from tests.codec.wire import enc_int
 
 pytestmark = pytest.mark.codec
 
@@ -290,28 +291,17 @@ def test_random_blocks_same_verdict(twin, blocks, max_table, list_limit) -> None
             break
 
 
-def _int(value: int, prefix: int, first: int) -> bytes:
-    mask = (1 << prefix) - 1
-    if value < mask:
-        return bytes([first | value])
-    out, value = [first | mask], value - mask
-    while value >= 0x80:
-        out.append(0x80 | (value & 0x7F))
-        value >>= 7
-    return bytes([*out, value])
-
-
 @pytest.mark.parametrize("value", [2**32 - 1, 2**32, 2**35 - 1])
 @pytest.mark.parametrize(
     "make",
     [
-        lambda v: _int(v, 7, 0x80),  # index
-        lambda v: _int(v, 6, 0x40) + b"\x00",  # name index, incremental
-        lambda v: _int(v, 4, 0x00) + b"\x00",  # name index, without indexing
-        lambda v: _int(v, 4, 0x10) + b"\x00",  # name index, never indexed
-        lambda v: b"\x04" + _int(v, 7, 0x00) + b"abc",  # string length
-        lambda v: b"\x04" + _int(v, 7, 0x80) + b"abc",  # Huffman string length
-        lambda v: _int(v, 5, 0x20),  # table size update
+        lambda v: enc_int(v, 7, 0x80),  # index
+        lambda v: enc_int(v, 6, 0x40) + b"\x00",  # name index, incremental
+        lambda v: enc_int(v, 4, 0x00) + b"\x00",  # name index, without indexing
+        lambda v: enc_int(v, 4, 0x10) + b"\x00",  # name index, never indexed
+        lambda v: b"\x04" + enc_int(v, 7, 0x00) + b"abc",  # string length
+        lambda v: b"\x04" + enc_int(v, 7, 0x80) + b"abc",  # Huffman string length
+        lambda v: enc_int(v, 5, 0x20),  # table size update
     ],
     ids=["index", "name6", "name4", "name4never", "strlen", "hufflen", "size"],
 )

@@ -12,6 +12,7 @@ from hpack.huffman import HuffmanEncoder
 from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
 
 from meshproxy.errors import CompressionError, ErrorCode, H2Error, HeaderListTooLarge
+from tests.codec.wire import enc_int
 
 pytestmark = pytest.mark.codec
 
@@ -69,17 +70,6 @@ def decode(decoder, block: bytes, seed: int):
 
 
 # -- generators ------------------------------------------------------------------------------------------------
-
-
-def enc_int(value: int, prefix: int, first: int) -> bytes:
-    mask = (1 << prefix) - 1
-    if value < mask:
-        return bytes([first | value])
-    out, value = [first | mask], value - mask
-    while value >= 0x80:
-        out.append(0x80 | (value & 0x7F))
-        value >>= 7
-    return bytes([*out, value])
 
 
 def random_int(rng: random.Random) -> int:
