@@ -79,7 +79,7 @@ _SETTING = struct.Struct(">HL")
 _U32x2 = struct.Struct(">LL")
 _MAX_LENGTH = MAX_MAX_FRAME_SIZE
 #: Reads of an incomplete frame shorter than this are coalesced before being held.
-HOLD_PIECE = 4096
+_HOLD_PIECE = 4096
 _STREAM_MASK = 0x7FFFFFFF
 
 
@@ -300,7 +300,7 @@ class FrameParser:
         # The pieces of an incomplete frame and the bytes that frame needs:
         # they are joined once, when it is whole, so a large frame arriving in
         # many reads is copied once, not once per read. Reads shorter than
-        # HOLD_PIECE are coalesced in ``_tail`` first, so that a peer
+        # _HOLD_PIECE are coalesced in ``_tail`` first, so that a peer
         # trickling a frame a byte at a time costs memory in proportion to
         # the frame, not to the number of reads.
         self._held: list[bytes] = []
@@ -356,14 +356,14 @@ class FrameParser:
 
     def _hold(self, piece: bytes) -> None:
         self._held_len += len(piece)
-        if len(piece) >= HOLD_PIECE:
+        if len(piece) >= _HOLD_PIECE:
             if self._tail:
                 self._held.append(bytes(self._tail))
                 self._tail.clear()
             self._held.append(piece)
         else:
             self._tail += piece
-            if len(self._tail) >= HOLD_PIECE:
+            if len(self._tail) >= _HOLD_PIECE:
                 self._held.append(bytes(self._tail))
                 self._tail.clear()
 
