@@ -1,5 +1,5 @@
 # make test: set everything up, then lint and run the whole suite (the codec
-# suite a second time on the pure-Python twins). make bench: run perf/.
+# and balancer suites a second time on the pure-Python twins). make bench: run perf/.
 # Both create .venv and build the Cython extensions on first use.
 
 VENV    := .venv
@@ -23,10 +23,11 @@ lint: $(STAMP)
 
 test: lint
 	$(PY) -m pytest -q
-	MESHPROXY_NO_EXTENSIONS=1 $(PY) -m pytest -q -m codec tests/codec
+	MESHPROXY_NO_EXTENSIONS=1 $(PY) -m pytest -q -m "codec or lb" tests/codec tests/lb
 
 bench: $(STAMP)
 	$(PY) perf/bench_codec.py
+	$(PY) perf/bench_lb.py
 
 clean:
 	rm -rf build $(VENV) *.egg-info meshproxy/_fast/*.c meshproxy/_fast/*.so meshproxy/_fast/*.html

@@ -1,0 +1,42 @@
+"""The load-balancer selector: the compiled twin unless told otherwise.
+
+``balancer`` is the module the rest of meshproxy uses. It is
+``meshproxy._fast.balancer`` when the Cython extensions are built and
+``MESHPROXY_NO_EXTENSIONS`` is unset or empty, and the pure-Python twin
+``balancer_py`` otherwise. Both twins export the same names, raise the same
+errors and, for the same seed and calls, make the same picks.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+from meshproxy.lb import balancer_py
+
+__all__ = ["USING_EXTENSIONS", "balancer", "compiled", "pure"]
+
+
+def pure() -> ModuleType:
+    """The pure-Python twin."""
+    return balancer_py
+
+
+def compiled() -> ModuleType | None:
+    """The compiled twin, or None when the extensions are not built."""
+    try:
+        from meshproxy._fast import balancer as cbalancer
+    except ImportError:
+        return None
+    return cbalancer
+
+
+def _select() -> tuple[ModuleType, bool]:
+    if not os.environ.get("MESHPROXY_NO_EXTENSIONS"):
+        mod = compiled()
+        if mod is not None:
+            return mod, True
+    return balancer_py, False
+
+
+balancer, USING_EXTENSIONS = _select()
