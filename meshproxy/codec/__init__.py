@@ -9,9 +9,9 @@ export the same names and raise the same errors (:mod:`meshproxy.errors`).
 
 from __future__ import annotations
 
-import os
 from types import ModuleType
 
+from meshproxy import _twins
 from meshproxy.codec import frames_py, hpack_py
 
 __all__ = ["USING_EXTENSIONS", "compiled", "frames", "hpack", "pure"]
@@ -24,20 +24,7 @@ def pure() -> tuple[ModuleType, ModuleType]:
 
 def compiled() -> tuple[ModuleType, ModuleType] | None:
     """The compiled twins, or None when the extensions are not built."""
-    try:
-        from meshproxy._fast import frames as cframes
-        from meshproxy._fast import hpack as chpack
-    except ImportError:
-        return None
-    return cframes, chpack
+    return _twins.compiled("frames", "hpack")
 
 
-def _select() -> tuple[ModuleType, ModuleType, bool]:
-    if not os.environ.get("MESHPROXY_NO_EXTENSIONS"):
-        mods = compiled()
-        if mods is not None:
-            return mods[0], mods[1], True
-    return frames_py, hpack_py, False
-
-
-frames, hpack, USING_EXTENSIONS = _select()
+(frames, hpack), USING_EXTENSIONS = _twins.select(pure(), "frames", "hpack")

@@ -9,9 +9,9 @@ errors and, for the same seed and calls, make the same picks.
 
 from __future__ import annotations
 
-import os
 from types import ModuleType
 
+from meshproxy import _twins
 from meshproxy.lb import balancer_py
 
 __all__ = ["USING_EXTENSIONS", "balancer", "compiled", "pure"]
@@ -24,19 +24,8 @@ def pure() -> ModuleType:
 
 def compiled() -> ModuleType | None:
     """The compiled twin, or None when the extensions are not built."""
-    try:
-        from meshproxy._fast import balancer as cbalancer
-    except ImportError:
-        return None
-    return cbalancer
+    mods = _twins.compiled("balancer")
+    return None if mods is None else mods[0]
 
 
-def _select() -> tuple[ModuleType, bool]:
-    if not os.environ.get("MESHPROXY_NO_EXTENSIONS"):
-        mod = compiled()
-        if mod is not None:
-            return mod, True
-    return balancer_py, False
-
-
-balancer, USING_EXTENSIONS = _select()
+(balancer,), USING_EXTENSIONS = _twins.select((balancer_py,), "balancer")

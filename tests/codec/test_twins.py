@@ -2,33 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 from meshproxy import codec
 from tests.codec.conftest import VECTORS
+from tests.twins import IO_MODULES, probe
 
 pytestmark = pytest.mark.codec
-
-# Modules the protocol core must never pull in: it takes bytes and returns
-# bytes, and only the transport layer touches sockets or an event loop.
-IO_MODULES = {"asyncio", "socket", "ssl", "selectors", "uvloop"}
-
-
-def _probe(env_extra: dict[str, str]) -> dict:
-    code = (
-        "import json, sys\n"
-        "from meshproxy import codec\n"
-        "print(json.dumps({'frames': codec.frames.__name__, 'hpack': codec.hpack.__name__,\n"
-        "                  'ext': codec.USING_EXTENSIONS, 'modules': sorted(sys.modules)}))\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "MESHPROXY_NO_EXTENSIONS"} | env_extra
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout)
 
 
 def test_both_twins_export_the_same_names(twin):
@@ -46,7 +28,7 @@ def test_both_twins_share_one_never_indexed_type(twin):
 
 
 def test_selector_honours_no_extensions():
-    got = _probe({"MESHPROXY_NO_EXTENSIONS": "1"})
+    got = probe("meshproxy.codec", ("frames", "hpack"), no_extensions=True)
     assert (got["frames"], got["hpack"], got["ext"]) == (
         "meshproxy.codec.frames_py",
         "meshproxy.codec.hpack_py",
@@ -57,13 +39,13 @@ def test_selector_honours_no_extensions():
 def test_selector_prefers_compiled_twins():
     if os.environ.get("MESHPROXY_NO_EXTENSIONS"):
         pytest.skip("MESHPROXY_NO_EXTENSIONS is set: compiled twin not under test")
-    got = _probe({})
+    got = probe("meshproxy.codec", ("frames", "hpack"), no_extensions=False)
     assert (got["frames"], got["hpack"], got["ext"]) == ("meshproxy._fast.frames", "meshproxy._fast.hpack", True)
 
 
 @pytest.mark.parametrize("no_ext", ["", "1"])
 def test_codec_is_sans_io(no_ext):
-    loaded = set(_probe({"MESHPROXY_NO_EXTENSIONS": no_ext} if no_ext else {})["modules"])
+    loaded = set(probe("meshproxy.codec", ("frames", "hpack"), no_extensions=bool(no_ext))["modules"])
     assert not loaded & IO_MODULES
 
 

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import ast
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,25 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshproxy import lb
+from tests.twins import IO_MODULES, probe
 
 pytestmark = pytest.mark.lb
-
-# The balancers are sans-IO: no socket, no event loop. (They read no clock
-# either, but the interpreter imports ``time`` itself, so that is checked by
-# the tests passing now_ns, not here.)
-FORBIDDEN_MODULES = {"asyncio", "socket", "ssl", "selectors", "uvloop"}
-
-
-def _probe(env_extra: dict[str, str]) -> dict:
-    code = (
-        "import json, sys\n"
-        "from meshproxy import lb\n"
-        "print(json.dumps({'balancer': lb.balancer.__name__, 'ext': lb.USING_EXTENSIONS,\n"
-        "                  'modules': sorted(sys.modules)}))\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "MESHPROXY_NO_EXTENSIONS"} | env_extra
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout)
 
 
 def test_both_twins_export_the_same_names(twin):
@@ -42,21 +23,23 @@ def test_both_twins_export_the_same_names(twin):
 
 
 def test_selector_honours_no_extensions():
-    got = _probe({"MESHPROXY_NO_EXTENSIONS": "1"})
+    got = probe("meshproxy.lb", ("balancer",), no_extensions=True)
     assert (got["balancer"], got["ext"]) == ("meshproxy.lb.balancer_py", False)
 
 
 def test_selector_prefers_the_compiled_twin():
     if os.environ.get("MESHPROXY_NO_EXTENSIONS"):
         pytest.skip("MESHPROXY_NO_EXTENSIONS is set: compiled twin not under test")
-    got = _probe({})
+    got = probe("meshproxy.lb", ("balancer",), no_extensions=False)
     assert (got["balancer"], got["ext"]) == ("meshproxy._fast.balancer", True)
 
 
 @pytest.mark.parametrize("no_ext", ["", "1"])
 def test_balancers_are_sans_io(no_ext):
-    loaded = set(_probe({"MESHPROXY_NO_EXTENSIONS": no_ext} if no_ext else {})["modules"])
-    assert not loaded & FORBIDDEN_MODULES
+    # The balancers read no clock either, but the interpreter imports ``time``
+    # itself: that is checked by the tests passing now_ns, not here.
+    loaded = set(probe("meshproxy.lb", ("balancer",), no_extensions=bool(no_ext))["modules"])
+    assert not loaded & IO_MODULES
 
 
 def test_stub_declares_every_public_name():

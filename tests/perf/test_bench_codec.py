@@ -7,18 +7,16 @@ is positive and that every side counted the same frames and blocks.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from meshproxy import codec
+from tests.perf import bench
 
 pytest.importorskip("hyperframe")
 pytest.importorskip("hpack")
 
-SCRIPT = Path(__file__).resolve().parents[2] / "perf" / "bench_codec.py"
 SIDES = ("ours", "reference", "pure")
 RATE_KEYS = (
     [f"frames_per_s_{side}" for side in SIDES]
@@ -28,15 +26,8 @@ RATE_KEYS = (
 SPEEDUP_KEYS = ("frame_parse_speedup", "frame_parse_speedup_4k", "hpack_decode_speedup", "hpack_encode_speedup")
 
 
-def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
-    """Run the benchmark script with this interpreter, from the repository root."""
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
-        cwd=SCRIPT.parents[1],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+def run_bench(*args: str):
+    return bench.run_bench("bench_codec.py", *args)
 
 
 @pytest.fixture(scope="module")

@@ -7,27 +7,18 @@ figure is positive.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from meshproxy import lb
+from tests.perf import bench
 
-SCRIPT = Path(__file__).resolve().parents[2] / "perf" / "bench_lb.py"
 KINDS = ("RoundRobin", "Random", "LeastRequest", "PeakEwma", "RingHash", "WeightedSplit")
 
 
-def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
-    """Run the benchmark script with this interpreter, from the repository root."""
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
-        cwd=SCRIPT.parents[1],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+def run_bench(*args: str):
+    return bench.run_bench("bench_lb.py", *args)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,20 @@
+"""Runs a perf/ script the way a user would, for the benchmark smoke tests (which never assert on speed)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+PERF = Path(__file__).resolve().parents[2] / "perf"
+
+
+def run_bench(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``perf/<script>`` with this interpreter, from the repository root."""
+    return subprocess.run(
+        [sys.executable, str(PERF / script), *args],
+        cwd=PERF.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
