@@ -19,8 +19,7 @@ from libc.stdint cimport uint8_t, uint32_t
 from libc.string cimport memcpy, memset
 
 from meshproxy.codec.constants import (
-    CONTINUATION, DATA, DEFAULT_WEIGHT, DEFINED_FLAGS, FLAG_ACK, FLAG_END_HEADERS,
-    FLAG_END_STREAM, FLAG_PADDED, FLAG_PRIORITY, GOAWAY, HEADERS, PING, PRIORITY,
+    CONTINUATION, DATA, DEFAULT_WEIGHT, DEFINED_FLAGS, GOAWAY, HEADERS, PING, PRIORITY,
     PUSH_PROMISE, RST_STREAM, SETTINGS, WINDOW_UPDATE,
 )
 from meshproxy.errors import FlowControlError, FrameSizeError, ProtocolError
