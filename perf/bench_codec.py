@@ -292,34 +292,28 @@ def collect_reference(parse_frame_header: Callable, stream: bytes) -> list:
     return out
 
 
-def digest_ours(frames: Sequence[Any]) -> Digest:
-    """The Digest of frames collected by ``collect_ours`` (untimed verification)."""
-    return parse_ours(_Replay, [frames])
-
-
-def digest_reference(frames: Sequence[Any]) -> Digest:
-    """The Digest of frames collected by ``collect_reference`` (untimed verification)."""
+def digest(frames: Sequence[Any], increment: str, flagged: Callable[[Any], bool]) -> Digest:
+    """The Digest of a list of parsed frames (untimed verification); ``increment`` names
+    the WINDOW_UPDATE field and ``flagged`` tests END_STREAM/ACK, which the libraries spell differently."""
     return Digest(
         frames=len(frames),
         payload_bytes=sum(len(f.data) for f in frames if f.type in (DATA, HEADERS))
         + sum(len(f.opaque_data) for f in frames if f.type == PING),
         stream_id_sum=sum(f.stream_id for f in frames),
-        end_stream_or_ack=sum(1 for f in frames if "END_STREAM" in f.flags or "ACK" in f.flags),
-        increment_sum=sum(f.window_increment for f in frames if f.type == WINDOW_UPDATE),
+        end_stream_or_ack=sum(1 for f in frames if flagged(f)),
+        increment_sum=sum(getattr(f, increment) for f in frames if f.type == WINDOW_UPDATE),
         settings=sum(len(f.settings) for f in frames if f.type == SETTINGS),
     )
 
 
-class _Replay:
-    """Stands in for a FrameParser that already parsed: ``feed(frames)`` then iterate them."""
+def digest_ours(frames: Sequence[Any]) -> Digest:
+    """The Digest of frames collected by ``collect_ours``."""
+    return digest(frames, "increment", lambda f: bool(f.flags & FLAG_END_STREAM_OR_ACK))
 
-    buffered = 0
 
-    def feed(self, frames: Sequence[Any]) -> None:
-        self._frames = iter(frames)
-
-    def __iter__(self):
-        return self._frames
+def digest_reference(frames: Sequence[Any]) -> Digest:
+    """The Digest of frames collected by ``collect_reference``."""
+    return digest(frames, "window_increment", lambda f: "END_STREAM" in f.flags or "ACK" in f.flags)
 
 
 def parse_ours(parser_class: type, chunks: Sequence[bytes]) -> Digest:

@@ -44,6 +44,16 @@ cdef class _Pool:
     cdef inline Py_ssize_t _below(self, Py_ssize_t m) noexcept:
         return <Py_ssize_t>(((self._next() >> 32) * <uint64_t>m) >> 32)
 
+    cdef inline void _two(self, Py_ssize_t* a, Py_ssize_t* b) noexcept:
+        # Two distinct available endpoints (the caller ensures >= 2).
+        cdef Py_ssize_t k = self._navail
+        cdef Py_ssize_t i = self._below(k)
+        cdef Py_ssize_t j = self._below(k - 1)
+        if j >= i:
+            j += 1
+        a[0] = self._avail[i]
+        b[0] = self._avail[j]
+
 
 cdef class RoundRobin(_Pool):
     cdef Py_ssize_t _next_i

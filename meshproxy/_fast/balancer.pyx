@@ -184,12 +184,7 @@ cdef class LeastRequest(_Pool):
         cdef Py_ssize_t a, b
         if k < 2:
             return self._avail[0] if k else -1
-        a = self._below(k)
-        b = self._below(k - 1)
-        if b >= a:
-            b += 1
-        a = self._avail[a]
-        b = self._avail[b]
+        self._two(&a, &b)
         return b if self._outstanding[b] < self._outstanding[a] else a
 
     def pick(self):
@@ -257,12 +252,7 @@ cdef class PeakEwma(_Pool):
         cdef Py_ssize_t a, b
         if k < 2:
             return self._avail[0] if k else -1
-        a = self._below(k)
-        b = self._below(k - 1)
-        if b >= a:
-            b += 1
-        a = self._avail[a]
-        b = self._avail[b]
+        self._two(&a, &b)
         if self._rtt(b, now_ns) * <double>(self._outstanding[b] + 1) < (
             self._rtt(a, now_ns) * <double>(self._outstanding[a] + 1)
         ):

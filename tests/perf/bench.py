@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -18,3 +19,10 @@ def run_bench(script: str, *args: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=300,
     )
+
+
+def quick_report(script: str) -> dict:
+    """The JSON report of a ``--quick --json --allow-pure`` run, which must succeed."""
+    proc = run_bench(script, "--quick", "--json", "--allow-pure")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)

@@ -6,7 +6,6 @@ is positive and that every side counted the same frames and blocks.
 
 from __future__ import annotations
 
-import json
 import sys
 
 import pytest
@@ -32,9 +31,7 @@ def run_bench(*args: str):
 
 @pytest.fixture(scope="module")
 def report() -> dict:
-    proc = run_bench("--quick", "--json", "--allow-pure")
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
+    return bench.quick_report("bench_codec.py")
 
 
 def test_report_has_speedups_and_positive_rates(report: dict) -> None:

@@ -6,7 +6,6 @@ figure is positive.
 
 from __future__ import annotations
 
-import json
 import sys
 
 import pytest
@@ -23,9 +22,7 @@ def run_bench(*args: str):
 
 @pytest.fixture(scope="module")
 def report() -> dict:
-    proc = run_bench("--quick", "--json", "--allow-pure")
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
+    return bench.quick_report("bench_lb.py")
 
 
 def test_report_has_every_balancer_with_positive_figures(report: dict) -> None:
