@@ -12,12 +12,14 @@ import enum
 
 __all__ = [
     "CompressionError",
+    "EnhanceYourCalm",
     "ErrorCode",
     "FlowControlError",
     "FrameSizeError",
     "H2Error",
     "HeaderListTooLarge",
     "ProtocolError",
+    "StreamClosedError",
 ]
 
 
@@ -91,5 +93,18 @@ class HeaderListTooLarge(ProtocolError):
     reset just that stream (or answer 431) and carry on. The decoder does not
     know the stream; the connection sets ``stream_id`` before acting on it.
     """
+
+    error_code = ErrorCode.ENHANCE_YOUR_CALM
+
+
+class StreamClosedError(ProtocolError):
+    """A frame on a stream that was already closed (RFC 9113 §5.1)."""
+
+    error_code = ErrorCode.STREAM_CLOSED
+
+
+class EnhanceYourCalm(ProtocolError):
+    """The peer is costing us too much: a CONTINUATION flood, a header block
+    past any sane size. Always a connection error."""
 
     error_code = ErrorCode.ENHANCE_YOUR_CALM

@@ -1,0 +1,145 @@
+# The shape of the compiled HTTP/2 connection: streams, connections and the
+# outbox that batches their writes, for cimport by other compiled modules.
+
+from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
+
+from meshproxy._fast.hpack cimport Decoder, Encoder
+
+
+cdef class H2Connection
+
+
+cdef class Outbox:
+    cdef list _dirty
+
+
+cdef class Stream:
+    cdef readonly uint32_t id
+    cdef readonly H2Connection conn
+    cdef readonly Stream peer
+    cdef public object user          # the Python layer's attachment (route, completion record)
+    cdef public bint notify_close    # emit EV_CLOSED for this stream
+    cdef public str response_flags   # Envoy-style flags set by the core (UR, UC), None otherwise
+    cdef uint8_t state
+    cdef readonly bint recv_headers  # the first non-informational header block is in
+    cdef readonly bint recv_end
+    cdef readonly bint sent_headers
+    cdef readonly bint sent_end
+    cdef readonly bint is_grpc
+    cdef readonly bint head
+    cdef readonly bint closed_remote_reset  # the peer reset it
+    cdef readonly bint unprocessed   # refused or above a GOAWAY's last stream id: safe to retry
+    cdef readonly int64_t error_code  # RST_STREAM code sent or received, -1 none
+    cdef readonly list headers       # the request (server role) or response (client role) headers
+    cdef readonly list trailers
+    cdef readonly bytes method
+    cdef readonly bytes scheme
+    cdef readonly bytes path
+    cdef readonly bytes authority
+    cdef readonly bytes request_id
+    cdef readonly int status
+    cdef readonly int grpc_status
+    cdef readonly int64_t grpc_timeout_ns
+    cdef readonly int64_t content_length
+    cdef readonly int64_t data_recv
+    cdef readonly int64_t data_sent
+    cdef readonly int64_t t_open_ns
+    cdef readonly int64_t t_response_ns
+    cdef int64_t send_window
+    cdef int64_t recv_window
+    cdef int64_t recv_unacked
+    cdef bytearray pending           # DATA waiting for the send window
+    cdef bint pending_end
+    cdef list pending_trailers
+    cdef bint blocked                # in conn._blocked, waiting for the connection window
+    cdef bint hold                   # keep received DATA until linked
+    cdef bytearray held
+    cdef bint held_end
+    cdef list held_trailers
+
+
+cdef class H2Connection:
+    cdef readonly bint client
+    cdef public object writer
+    cdef bytearray out
+    cdef bint _dirty
+    cdef Outbox outbox
+    cdef bytearray inbuf
+    cdef Py_ssize_t preface_left
+    cdef bint got_settings
+    cdef bint got_remote_settings
+    cdef Decoder decoder
+    cdef Encoder encoder
+    cdef dict streams
+    cdef list events
+    cdef list _blocked
+    cdef dict _recent_resets
+    cdef readonly uint32_t local_max_concurrent
+    cdef readonly uint32_t local_initial_window
+    cdef readonly uint32_t local_max_frame_size
+    cdef readonly uint32_t local_max_header_list
+    cdef readonly uint32_t local_connection_window
+    cdef readonly uint32_t remote_max_concurrent
+    cdef readonly uint32_t remote_initial_window
+    cdef readonly uint32_t remote_max_frame_size
+    cdef readonly uint32_t remote_max_header_list
+    cdef readonly int64_t conn_send_window
+    cdef int64_t conn_recv_window
+    cdef int64_t conn_recv_unacked
+    cdef readonly uint32_t open_local
+    cdef readonly uint32_t open_remote
+    cdef readonly uint32_t next_stream_id
+    cdef readonly uint32_t last_peer_stream
+    cdef uint32_t hb_stream
+    cdef bint hb_end_stream
+    cdef bytearray hb_buf
+    cdef uint32_t hb_frames
+    cdef readonly bint goaway_sent
+    cdef readonly uint32_t goaway_sent_last
+    cdef bint _shutdown_ping
+    cdef readonly bint goaway_received
+    cdef readonly uint32_t goaway_received_last
+    cdef readonly int64_t goaway_received_code
+    cdef readonly bint terminated
+    cdef readonly bint write_paused
+    cdef readonly bint hold_new
+    cdef readonly bint generate_request_id
+    cdef readonly uint64_t streams_total
+    cdef readonly uint64_t protocol_errors
+    cdef uint64_t _rid_state
+    cdef object _header_table_size
+    cdef bint _self_dependent
+
+    cdef list _take_events(self)
+    cdef Py_ssize_t _consume(self, const uint8_t* buf, Py_ssize_t n) except -1
+    cdef Stream _stream_for_frame(self, uint32_t sid, const char* what)
+    cdef bint _is_idle_id(self, uint32_t sid)
+    cdef int _on_data(self, uint8_t flags, uint32_t sid, const uint8_t* p, uint32_t length) except -1
+    cdef int _on_headers(self, uint8_t flags, uint32_t sid, const uint8_t* p, uint32_t length) except -1
+    cdef int _on_continuation(self, uint8_t flags, uint32_t sid, const uint8_t* p, uint32_t length) except -1
+    cdef int _on_window_update(self, uint32_t sid, const uint8_t* p, uint32_t length) except -1
+    cdef int _on_settings(self, uint8_t flags, uint32_t sid, const uint8_t* p, uint32_t length) except -1
+    cdef int _on_rst_stream(self, uint32_t sid, const uint8_t* p, uint32_t length) except -1
+    cdef int _on_ping(self, uint8_t flags, uint32_t sid, const uint8_t* p, uint32_t length) except -1
+    cdef int _on_goaway(self, uint32_t sid, const uint8_t* p, uint32_t length) except -1
+    cdef bytes _make_request_id(self)
+    cdef int _window_update(self, uint32_t sid, uint32_t inc) except -1
+    cdef int _ping(self, bytes opaque, bint ack) except -1
+    cdef int _goaway(self, uint32_t last, uint32_t code, bytes debug) except -1
+    cdef int _terminate(self, uint32_t code, str message) except -1
+    cdef int _abort_streams(self, uint32_t code) except -1
+    cdef int _credit_connection(self, Py_ssize_t n) except -1
+    cdef int _credit(self, Stream s, Py_ssize_t n) except -1
+    cdef int _recv_end(self, Stream s) except -1
+    cdef int _sent_end(self, Stream s) except -1
+    cdef int _stream_error_id(self, uint32_t sid, uint32_t code) except -1
+    cdef int _rst(self, uint32_t sid, uint32_t code) except -1
+    cdef int _stream_error(self, Stream s, uint32_t code) except -1
+    cdef int _close(self, Stream s, bint abnormal) except -1
+    cdef int _check_idle(self) except -1
+    cdef int _flush_stream(self, Stream s) except -1
+    cdef int _flush_blocked(self) except -1
+    cdef int _header_block(self, uint32_t sid, uint8_t flags, const uint8_t* p, Py_ssize_t n,
+                           bint self_dependent) except -1
+    cdef int _on_block(self, uint32_t sid, bint end_stream, const uint8_t* p, Py_ssize_t n,
+                       bint self_dependent) except -1

@@ -1,0 +1,1533 @@
+# cython: language_level=3
+"""The compiled sans-IO HTTP/2 connection (RFC 9113), client and server roles.
+
+Owns one TCP connection's HTTP/2 state: the preface, SETTINGS and their ACK,
+PING, GOAWAY (graceful in two steps, and abrupt), RST_STREAM, the §5.1
+stream state machine, MAX_CONCURRENT_STREAMS both ways, connection and
+stream flow control, header validation (§8.2-8.3), trailers, and header
+blocks assembled from CONTINUATION frames under limits.
+
+It never touches a socket. ``receive(bytes)`` parses every whole frame of a
+read in one call and returns the events the Python layer must see (a new
+request, a closed stream, a GOAWAY) or None; the bytes to send accumulate in
+the connection and are written by ``Outbox.flush()``, once per read burst for
+every connection that gained output.
+
+Proxying happens here, not in Python: two streams on two connections are
+linked with ``link``/``open_forward``, after which response headers, DATA,
+trailers and resets cross from one to the other in C. DATA payloads are
+copied straight from the receive buffer into the peer connection's send
+buffer while the peer's windows allow; the rest waits in the stream, and the
+sender gets WINDOW_UPDATE only as bytes actually leave, so a slow reader
+backs up to the writer and memory per stream stays within the window we
+advertise.
+"""
+
+cimport cython
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
+from libc.string cimport memcmp, memcpy, memmove
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+
+from meshproxy._fast.frames cimport (
+    F_ACK, F_END_HEADERS, F_END_STREAM, F_PADDED, F_PRIORITY, HEADER_SIZE, MAX_FRAME_LENGTH, MIN_MAX_FRAME_SIZE,
+    T_CONTINUATION, T_DATA, T_GOAWAY, T_HEADERS, T_PING, T_PRIORITY, T_PUSH_PROMISE, T_RST_STREAM, T_SETTINGS,
+    T_WINDOW_UPDATE, grow, put_frame_header, put_u32, read_u32,
+)
+from meshproxy._fast.hpack cimport Decoder, Encoder
+
+import os
+
+from meshproxy.errors import (
+    CompressionError, EnhanceYourCalm, ErrorCode, FlowControlError, FrameSizeError, H2Error, HeaderListTooLarge,
+    ProtocolError, StreamClosedError,
+)
+
+__all__ = [
+    "EV_CLOSED", "EV_DATA", "EV_GOAWAY", "EV_IDLE", "EV_REQUEST", "EV_RESPONSE", "EV_TERMINATED", "EV_TRAILERS",
+    "H2Connection", "Outbox", "Stream", "link", "monotonic_ns",
+]
+
+# Events returned by receive(), as tuples whose first item is one of these.
+EV_REQUEST = 1     # (EV_REQUEST, stream): a new request's headers (server role)
+EV_RESPONSE = 2    # (EV_RESPONSE, stream): response headers on an unlinked client stream
+EV_DATA = 3        # (EV_DATA, stream, bytes, end_stream): DATA on an unlinked stream that does not hold
+EV_TRAILERS = 4    # (EV_TRAILERS, stream): trailers on an unlinked stream
+EV_CLOSED = 5      # (EV_CLOSED, stream): a stream with notify_close ended (cleanly or reset)
+EV_GOAWAY = 6      # (EV_GOAWAY, last_stream_id, error_code, debug): the peer is going away
+EV_IDLE = 7        # (EV_IDLE,): no streams left on a connection that is going away: close it
+EV_TERMINATED = 8  # (EV_TERMINATED, error_code, message): connection error; GOAWAY is queued: flush, close
+
+cdef enum:
+    S_IDLE = 0
+    S_OPEN = 1
+    S_HALF_LOCAL = 2    # we sent END_STREAM
+    S_HALF_REMOTE = 3   # the peer sent END_STREAM
+    S_CLOSED = 4
+
+    STREAM_MASK = 0x7FFFFFFF
+    MAX_WINDOW = 0x7FFFFFFF
+    DEFAULT_WINDOW = 65535
+    PREFACE_LEN = 24
+    RECENT_RESETS = 256           # ids of streams we reset, whose late frames we ignore
+    MAX_CONTINUATIONS = 64        # CONTINUATION frames per header block (the 2024 flood)
+    LAST_CLIENT_ID = 0x7FFFFFFF - 2 * 1000   # leave room: a pool opens another connection first
+
+    E_NO_ERROR = 0x0
+    E_PROTOCOL_ERROR = 0x1
+    E_INTERNAL_ERROR = 0x2
+    E_FLOW_CONTROL_ERROR = 0x3
+    E_STREAM_CLOSED = 0x5
+    E_FRAME_SIZE_ERROR = 0x6
+    E_REFUSED_STREAM = 0x7
+    E_CANCEL = 0x8
+    E_COMPRESSION_ERROR = 0x9
+    E_ENHANCE_YOUR_CALM = 0xB
+
+cdef const char* _HEX = b"0123456789abcdef"
+cdef bytes PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+cdef bytes SHUTDOWN_PING = b"meshdown"
+
+# Header names that are connection-specific in HTTP/1.1 and malformed in HTTP/2 (§8.2.2).
+cdef frozenset CONNECTION_HEADERS = frozenset(
+    [b"connection", b"proxy-connection", b"keep-alive", b"transfer-encoding", b"upgrade"])
+cdef frozenset REQUEST_PSEUDO = frozenset([b":method", b":scheme", b":path", b":authority", b":protocol"])
+
+cdef tuple H_STATUS_200 = (b":status", b"200")
+cdef tuple H_GRPC_CT = (b"content-type", b"application/grpc")
+
+cdef char* _GRPC_UNITS = b"HMSmun"
+cdef int64_t[6] _GRPC_UNIT_NS
+_GRPC_UNIT_NS[:] = [3600 * 1000000000, 60 * 1000000000, 1000000000, 1000000, 1000, 1]
+
+
+cdef inline int64_t _now() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+def monotonic_ns():
+    """The clock the connection stamps streams with (CLOCK_MONOTONIC, ns)."""
+    return _now()
+
+
+cdef int64_t parse_grpc_timeout(bytes value) noexcept:
+    """``grpc-timeout`` in ns (at most 8 digits and a unit), or -1 if malformed."""
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(value), i
+    cdef const char* p = PyBytes_AS_STRING(value)
+    cdef int64_t v = 0
+    if n < 2 or n > 9:
+        return -1
+    for i in range(n - 1):
+        if p[i] < 48 or p[i] > 57:
+            return -1
+        v = v * 10 + (p[i] - 48)
+    for i in range(6):
+        if p[n - 1] == _GRPC_UNITS[i]:
+            if v > 0x7FFFFFFFFFFFFFFF // _GRPC_UNIT_NS[i]:
+                return 0x7FFFFFFFFFFFFFFF
+            return v * _GRPC_UNIT_NS[i]
+    return -1
+
+
+cdef bytes format_grpc_timeout(int64_t ns):
+    """The shortest exact-enough ``grpc-timeout`` for ``ns`` (8 digits at most, rounded up)."""
+    cdef int i
+    cdef int64_t unit, v
+    if ns < 0:
+        ns = 0
+    for i in range(5, -1, -1):
+        unit = _GRPC_UNIT_NS[i]
+        v = (ns + unit - 1) // unit
+        if v < 100000000:
+            return b"%d%c" % (v, _GRPC_UNITS[i])
+    return b"99999999H"
+
+
+cdef class Outbox:
+    """The connections of one worker that have bytes to write.
+
+    Every connection appends itself once when it gains output; ``flush()``
+    hands each one's buffer to its ``writer`` (``transport.write``) and gives
+    it a fresh one, so a buffer the transport keeps by reference is never
+    written to again.
+    """
+
+    def __init__(self):
+        self._dirty = []
+
+    def flush(self):
+        cdef H2Connection c
+        cdef bytearray buf
+        while self._dirty:
+            dirty = self._dirty
+            self._dirty = []
+            for c in dirty:
+                c._dirty = False
+                if PyByteArray_GET_SIZE(c.out) and c.writer is not None:
+                    buf = c.out
+                    c.out = bytearray()
+                    c.writer(buf)
+
+
+cdef inline void _mark(H2Connection c):
+    if not c._dirty and c.outbox is not None:
+        c._dirty = True
+        c.outbox._dirty.append(c)
+
+
+@cython.freelist(64)
+cdef class Stream:
+    """One HTTP/2 stream. Made by the connection; read-only from Python but for ``user``."""
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("streams are made by H2Connection")
+
+    @property
+    def state(self):
+        return ("idle", "open", "half_closed_local", "half_closed_remote", "closed")[self.state]
+
+    @property
+    def pending_bytes(self):
+        """DATA queued on this stream, waiting for the peer's window."""
+        return PyByteArray_GET_SIZE(self.pending) if self.pending is not None else 0
+
+    @property
+    def held_bytes(self):
+        return PyByteArray_GET_SIZE(self.held) if self.held is not None else 0
+
+    @property
+    def send_window(self):
+        return self.send_window
+
+    @property
+    def recv_window(self):
+        return self.recv_window
+
+    def __repr__(self):
+        state = ("idle", "open", "half_closed_local", "half_closed_remote", "closed")[self.state]
+        return f"<Stream {self.id} {state} on {'client' if self.conn.client else 'server'} connection>"
+
+
+cdef Stream _new_stream(H2Connection c, uint32_t sid):
+    cdef Stream s = Stream.__new__(Stream)
+    s.id = sid
+    s.conn = c
+    s.state = S_IDLE
+    s.error_code = -1
+    s.status = 0
+    s.grpc_status = -1
+    s.grpc_timeout_ns = -1
+    s.content_length = -1
+    s.send_window = c.remote_initial_window
+    s.recv_window = c.local_initial_window
+    s.t_open_ns = _now()
+    c.streams[sid] = s
+    c.streams_total += 1
+    return s
+
+
+cdef inline int _valid_name(bytes name) except -1:
+    cdef const uint8_t* p = <const uint8_t*>PyBytes_AS_STRING(name)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(name), i
+    cdef uint8_t ch
+    if n == 0:
+        return 0
+    for i in range(1 if p[0] == 58 else 0, n):
+        ch = p[i]
+        if ch <= 0x20 or (0x41 <= ch <= 0x5A) or ch >= 0x7F or ch == 58:
+            return 0
+    return 1
+
+
+cdef inline int _valid_value(bytes value) except -1:
+    cdef const uint8_t* p = <const uint8_t*>PyBytes_AS_STRING(value)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(value), i
+    cdef uint8_t ch
+    if n == 0:
+        return 1
+    if p[0] == 0x20 or p[0] == 0x09 or p[n - 1] == 0x20 or p[n - 1] == 0x09:
+        return 0
+    for i in range(n):
+        ch = p[i]
+        if ch == 0 or ch == 0x0A or ch == 0x0D:
+            return 0
+    return 1
+
+
+cdef inline int64_t _parse_uint(bytes v) noexcept:
+    cdef const char* p = PyBytes_AS_STRING(v)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(v), i
+    cdef int64_t r = 0
+    if n == 0 or n > 18:
+        return -1
+    for i in range(n):
+        if p[i] < 48 or p[i] > 57:
+            return -1
+        r = r * 10 + (p[i] - 48)
+    return r
+
+
+cdef inline bint _starts(bytes v, const char* prefix, Py_ssize_t n) noexcept:
+    return PyBytes_GET_SIZE(v) >= n and memcmp(PyBytes_AS_STRING(v), prefix, n) == 0
+
+
+cdef str _check_fields(Stream s, list headers, int kind):
+    """Validate one header list (§8.2-8.3); record what routing and accounting need.
+
+    kind: 0 request, 1 response, 2 trailers. Returns None, or why it is malformed.
+    """
+    cdef bint regular_seen = False
+    cdef tuple h
+    cdef bytes name, value
+    cdef int64_t cl
+    cdef int seen = 0, bit
+    cdef bytes method = None, scheme = None, path = None, authority = None, host = None, status = None
+    for item in headers:
+        h = <tuple>item
+        name = <bytes>h[0]
+        value = <bytes>h[1]
+        if not _valid_name(name):
+            return f"invalid header name {name!r}"
+        if not _valid_value(value):
+            return f"invalid value for header {name!r}"
+        if PyBytes_AS_STRING(name)[0] == 58:  # pseudo-header
+            if regular_seen:
+                return f"pseudo-header {name!r} after a regular header"
+            if kind == 2:
+                return f"pseudo-header {name!r} in trailers"
+            if kind == 0:
+                if name == b":method":
+                    bit = 1
+                    method = value
+                elif name == b":path":
+                    bit = 2
+                    path = value
+                elif name == b":scheme":
+                    bit = 4
+                    scheme = value
+                elif name == b":authority":
+                    bit = 8
+                    authority = value
+                elif name == b":protocol":
+                    bit = 16
+                else:
+                    return f"pseudo-header {name!r} in a request"
+            else:
+                if name != b":status":
+                    return f"pseudo-header {name!r} in a response"
+                bit = 32
+                status = value
+            if seen & bit:
+                return f"duplicate pseudo-header {name!r}"
+            seen |= bit
+            continue
+        regular_seen = True
+        if name in CONNECTION_HEADERS:
+            return f"connection-specific header {name!r}"
+        if name == b"te":
+            if value != b"trailers":
+                return "te header other than 'trailers'"
+        elif name == b"content-length":
+            cl = _parse_uint(value)
+            if cl < 0 or (s.content_length >= 0 and cl != s.content_length):
+                return "invalid content-length"
+            if kind != 2:
+                s.content_length = cl
+        elif name == b"content-type":
+            if kind != 2 and _starts(value, b"application/grpc", 16):
+                s.is_grpc = True
+        elif name == b"grpc-status":
+            s.grpc_status = _parse_uint(value)
+        elif name == b"grpc-timeout":
+            if kind == 0:
+                s.grpc_timeout_ns = parse_grpc_timeout(value)
+        elif name == b"x-request-id":
+            if kind == 0:
+                s.request_id = value
+        elif name == b"host":
+            host = value
+    if kind == 0:
+        if method is None:
+            return "request without :method"
+        if method == b"CONNECT":
+            if authority is None or scheme is not None or path is not None:
+                return "malformed CONNECT request"
+        else:
+            if scheme is None or path is None or PyBytes_GET_SIZE(path) == 0:
+                return "request without :scheme or :path"
+            if PyBytes_AS_STRING(path)[0] != 47 and not (path == b"*" and method == b"OPTIONS"):
+                if scheme in (b"http", b"https"):
+                    return f"invalid :path {path!r}"
+        s.method = method
+        s.scheme = scheme
+        s.path = path
+        s.authority = authority if authority is not None else host
+        s.head = method == b"HEAD"
+    elif kind == 1:
+        if status is None:
+            return "response without :status"
+        if PyBytes_GET_SIZE(status) != 3 or _parse_uint(status) < 100:
+            return f"invalid :status {status!r}"
+        s.status = <int>_parse_uint(status)
+    return None
+
+
+cdef class H2Connection:
+    """One HTTP/2 connection, either role; see the module docstring.
+
+    ``settings`` (all optional): max_concurrent_streams, initial_window_size,
+    max_frame_size, max_header_list_size, header_table_size (what we
+    advertise), and connection_window (our connection receive window).
+    ``hold``: a new request's DATA is kept until its stream is linked (the
+    proxy's mode); otherwise DATA is delivered as EV_DATA events and its
+    window returned at once.
+    """
+
+    def __init__(self, bint client, Outbox outbox=None, settings=None, bint hold=False,
+                 bint generate_request_id=False):
+        cfg = dict(settings or {})
+        self.client = client
+        self.outbox = outbox
+        self.writer = None
+        self.out = bytearray()
+        self.inbuf = bytearray()
+        self.preface_left = 0 if client else PREFACE_LEN
+        self.streams = {}
+        self.events = []
+        self._blocked = []
+        self._recent_resets = {}
+        self.local_max_concurrent = cfg.pop("max_concurrent_streams", 1000)
+        self.local_initial_window = cfg.pop("initial_window_size", 1 << 20)
+        self.local_max_frame_size = cfg.pop("max_frame_size", MIN_MAX_FRAME_SIZE)
+        self.local_max_header_list = cfg.pop("max_header_list_size", 65536)
+        header_table_size = cfg.pop("header_table_size", 4096)
+        self.local_connection_window = cfg.pop("connection_window", 4 << 20)
+        if cfg:
+            raise ValueError(f"unknown HTTP/2 settings: {sorted(cfg)}")
+        if not DEFAULT_WINDOW <= self.local_initial_window <= MAX_WINDOW:
+            raise ValueError("initial_window_size must be in [65535, 2^31-1]")
+        if not DEFAULT_WINDOW <= self.local_connection_window <= MAX_WINDOW:
+            raise ValueError("connection_window must be in [65535, 2^31-1]")
+        if not MIN_MAX_FRAME_SIZE <= self.local_max_frame_size <= MAX_FRAME_LENGTH:
+            raise ValueError("max_frame_size must be in [16384, 16777215]")
+        self.decoder = Decoder(header_table_size, self.local_max_header_list)
+        self.encoder = Encoder()
+        # Until the peer's SETTINGS say otherwise, assume the RFC's recommended
+        # minimum of 100 (as nghttp2 does): opening more would get them refused.
+        self.remote_max_concurrent = 100
+        self.remote_initial_window = DEFAULT_WINDOW
+        self.remote_max_frame_size = MIN_MAX_FRAME_SIZE
+        self.remote_max_header_list = 0xFFFFFFFF
+        self.conn_send_window = DEFAULT_WINDOW
+        self.conn_recv_window = self.local_connection_window
+        self.next_stream_id = 1
+        self.hb_buf = bytearray()
+        self.hold_new = hold
+        self.generate_request_id = generate_request_id
+        self._rid_state = int.from_bytes(os.urandom(8), "little")
+        self._header_table_size = header_table_size
+
+    # -- what Python reads ------------------------------------------------
+
+    @property
+    def active_streams(self):
+        return len(self.streams)
+
+    @property
+    def can_open(self):
+        """Whether a new stream may be opened now (client role)."""
+        return (not self.goaway_received and not self.goaway_sent and not self.terminated
+                and self.open_local < self.remote_max_concurrent and self.next_stream_id <= LAST_CLIENT_ID)
+
+    @property
+    def pending_output(self):
+        return PyByteArray_GET_SIZE(self.out)
+
+    def get_stream(self, stream_id):
+        return self.streams.get(stream_id)
+
+    def data_to_send(self):
+        """Take the bytes queued for the peer (for callers without an Outbox)."""
+        cdef bytes b = bytes(self.out)
+        del self.out[:]
+        return b
+
+    # -- start, pause, stop -------------------------------------------------
+
+    def initiate(self):
+        """Queue our preface: the magic (client), SETTINGS, and the connection window."""
+        if self.client:
+            self.out += PREFACE
+        settings = [(0x2, 0), (0x3, self.local_max_concurrent), (0x4, self.local_initial_window),
+                    (0x5, self.local_max_frame_size), (0x6, self.local_max_header_list)]
+        if self._header_table_size != 4096:
+            settings.insert(0, (0x1, self._header_table_size))
+        cdef uint8_t* p = grow(self.out, HEADER_SIZE + 6 * len(settings))
+        put_frame_header(p, 6 * len(settings), T_SETTINGS, 0, 0)
+        p += HEADER_SIZE
+        for ident, value in settings:
+            p[0] = ident >> 8
+            p[1] = ident & 0xFF
+            put_u32(p + 2, value)
+            p += 6
+        if self.local_connection_window > DEFAULT_WINDOW:
+            self._window_update(0, self.local_connection_window - DEFAULT_WINDOW)
+        _mark(self)
+
+    def pause_writing(self):
+        self.write_paused = True
+
+    def resume_writing(self):
+        self.write_paused = False
+        for s in list(self.streams.values()):
+            if (<Stream>s).pending is not None and (PyByteArray_GET_SIZE((<Stream>s).pending)
+                                                    or (<Stream>s).pending_end):
+                self._flush_stream(<Stream>s)
+        _mark(self)
+
+    def shutdown(self):
+        """Graceful GOAWAY: no new streams; the in-flight ones finish.
+
+        Server role: GOAWAY with the largest id and a PING first, then, when
+        the PING comes back (one round trip, so requests already on the wire
+        are counted), GOAWAY with the real last stream id.
+        """
+        if self.goaway_sent or self.terminated:
+            return
+        if self.client:
+            self._goaway(0, E_NO_ERROR, b"")
+        else:
+            self._goaway(STREAM_MASK, E_NO_ERROR, b"")
+            self._ping(SHUTDOWN_PING, False)
+            self._shutdown_ping = True
+        self._check_idle()
+        _mark(self)
+        return self._take_events()
+
+    def close(self, error_code=E_NO_ERROR, message=""):
+        """Abrupt GOAWAY: every stream ends now (linked peers are told)."""
+        if not self.terminated:
+            self._terminate(error_code, message)
+            _mark(self)
+        return self._take_events()
+
+    def connection_lost(self):
+        """The transport is gone: end every stream, telling linked peers."""
+        if not self.terminated:
+            self.terminated = True
+            self._abort_streams(E_CANCEL)
+        return self._take_events()
+
+    def ping(self, opaque=b"\0" * 8):
+        if len(opaque) != 8:
+            raise ValueError("PING carries 8 bytes")
+        self._ping(opaque, False)
+        _mark(self)
+
+    # -- receiving --------------------------------------------------------
+
+    def receive(self, data):
+        """Process bytes from the peer; return a list of events, or None."""
+        cdef Py_buffer view
+        cdef Py_ssize_t used
+        if self.terminated:
+            return None
+        try:
+            if PyByteArray_GET_SIZE(self.inbuf):
+                self.inbuf += data
+                used = self._consume(<const uint8_t*>PyByteArray_AS_STRING(self.inbuf),
+                                     PyByteArray_GET_SIZE(self.inbuf))
+                if used:
+                    del self.inbuf[:used]
+            else:
+                PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+                try:
+                    used = self._consume(<const uint8_t*>view.buf, view.len)
+                    if used < view.len:
+                        self.inbuf += (<const char*>view.buf)[used:view.len]
+                finally:
+                    PyBuffer_Release(&view)
+        except H2Error as e:
+            self.protocol_errors += 1
+            self._terminate(e.error_code, str(e))
+        _mark(self)
+        return self._take_events()
+
+    cdef list _take_events(self):
+        cdef list ev
+        if not self.events:
+            return None
+        ev = self.events
+        self.events = []
+        return ev
+
+    cdef Py_ssize_t _consume(self, const uint8_t* buf, Py_ssize_t n) except -1:
+        cdef Py_ssize_t pos = 0
+        cdef uint32_t length, sid
+        cdef uint8_t ftype, flags
+        cdef const uint8_t* p
+        if self.preface_left:
+            while self.preface_left and pos < n:
+                if buf[pos] != (<const uint8_t*>PyBytes_AS_STRING(PREFACE))[PREFACE_LEN - self.preface_left]:
+                    raise ProtocolError("invalid connection preface")
+                pos += 1
+                self.preface_left -= 1
+        while n - pos >= HEADER_SIZE and not self.terminated:
+            p = buf + pos
+            length = (<uint32_t>p[0] << 16) | (<uint32_t>p[1] << 8) | p[2]
+            if length > self.local_max_frame_size:
+                raise FrameSizeError(f"frame of {length} bytes > max frame size {self.local_max_frame_size}")
+            if n - pos < HEADER_SIZE + length:
+                break
+            ftype = p[3]
+            flags = p[4]
+            sid = read_u32(p + 5) & STREAM_MASK
+            pos += HEADER_SIZE + length
+            if not self.got_settings:
+                if ftype != T_SETTINGS or flags & F_ACK:
+                    raise ProtocolError("the peer's preface must start with SETTINGS")
+                self.got_settings = True
+            if self.hb_stream and ftype != T_CONTINUATION:
+                raise ProtocolError(f"expected CONTINUATION on stream {self.hb_stream}, got frame type {ftype}")
+            if ftype == T_DATA:
+                self._on_data(flags, sid, p + HEADER_SIZE, length)
+            elif ftype == T_HEADERS:
+                self._on_headers(flags, sid, p + HEADER_SIZE, length)
+            elif ftype == T_WINDOW_UPDATE:
+                self._on_window_update(sid, p + HEADER_SIZE, length)
+            elif ftype == T_SETTINGS:
+                self._on_settings(flags, sid, p + HEADER_SIZE, length)
+            elif ftype == T_RST_STREAM:
+                self._on_rst_stream(sid, p + HEADER_SIZE, length)
+            elif ftype == T_PING:
+                self._on_ping(flags, sid, p + HEADER_SIZE, length)
+            elif ftype == T_CONTINUATION:
+                self._on_continuation(flags, sid, p + HEADER_SIZE, length)
+            elif ftype == T_GOAWAY:
+                self._on_goaway(sid, p + HEADER_SIZE, length)
+            elif ftype == T_PRIORITY:
+                if sid == 0:
+                    raise ProtocolError("PRIORITY frame on stream 0")
+                if length != 5:
+                    self._stream_error_id(sid, E_FRAME_SIZE_ERROR)
+                elif read_u32(p + HEADER_SIZE) & STREAM_MASK == sid:
+                    self._stream_error_id(sid, E_PROTOCOL_ERROR)
+            elif ftype == T_PUSH_PROMISE:
+                raise ProtocolError("PUSH_PROMISE received but push is disabled")
+            # unknown frame types are ignored (§4.1)
+        return pos
+
+    cdef Stream _stream_for_frame(self, uint32_t sid, const char* what):
+        """The open stream ``sid``, or None after dealing with a frame on a stream that is not."""
+        cdef Stream s = self.streams.get(sid)
+        if s is not None:
+            return s
+        if sid in self._recent_resets:
+            return None  # we reset it; frames in flight are ignored (§5.1 closed)
+        if self._is_idle_id(sid):
+            raise ProtocolError(f"{what.decode()} frame on idle stream {sid}")
+        raise StreamClosedError(f"{what.decode()} frame on closed stream {sid}")
+
+    cdef bint _is_idle_id(self, uint32_t sid):
+        if (sid & 1) == (1 if self.client else 0):  # our own ids
+            return sid >= self.next_stream_id
+        return sid > self.last_peer_stream
+
+    cdef int _on_data(self, uint8_t flags, uint32_t sid, const uint8_t* p, uint32_t length) except -1:
+        cdef uint32_t pad = 0, n
+        cdef Stream s
+        if sid == 0:
+            raise ProtocolError("DATA frame on stream 0")
+        if flags & F_PADDED:
+            if length < 1:
+                raise FrameSizeError("PADDED DATA frame too short for its pad length")
+            pad = p[0] + 1
+            if pad > length:
+                raise ProtocolError("DATA padding exceeds the payload")
+        if length > self.conn_recv_window:
+            raise FlowControlError(f"DATA of {length} bytes exceeds the connection window {self.conn_recv_window}")
+        self.conn_recv_window -= length
+        s = self.streams.get(sid)
+        if s is None or s.recv_end:
+            self._credit_connection(length)  # nobody will consume it
+            if s is not None:
+                self._stream_error(s, E_STREAM_CLOSED)
+                return 0
+            self._stream_for_frame(sid, b"DATA")
+            return 0
+        if not s.recv_headers:
+            self._credit_connection(length)
+            self._stream_error(s, E_PROTOCOL_ERROR)
+            return 0
+        if length > s.recv_window:
+            self._credit_connection(length)
+            self._stream_error(s, E_FLOW_CONTROL_ERROR)
+            return 0
+        s.recv_window -= length
+        n = length - pad
+        if pad:
+            self._credit(s, pad)
+        s.data_recv += n
+        if s.content_length >= 0 and (s.data_recv > s.content_length or
+                                      (flags & F_END_STREAM and s.data_recv != s.content_length)):
+            self._stream_error(s, E_PROTOCOL_ERROR)
+            return 0
+        p += 1 if flags & F_PADDED else 0
+        if s.peer is not None:
+            _send_data(s.peer, p, n, flags & F_END_STREAM, s)
+        elif s.hold:
+            if n:
+                if s.held is None:
+                    s.held = bytearray()
+                s.held += p[:n]
+            if flags & F_END_STREAM:
+                s.held_end = True
+        elif self.hold_new:
+            self._credit(s, n)  # proxy mode, no longer linked: the response is done, drop the rest
+        else:
+            self.events.append((EV_DATA, s, PyBytes_FromStringAndSize(<const char*>p, n),
+                                bool(flags & F_END_STREAM)))
+            self._credit(s, n)
+        if flags & F_END_STREAM:
+            self._recv_end(s)
+        return 0
+
+    cdef int _on_headers(self, uint8_t flags, uint32_t sid, const uint8_t* p, uint32_t length) except -1:
+        cdef uint32_t pad = 0, start = 0
+        if sid == 0:
+            raise ProtocolError("HEADERS frame on stream 0")
+        if flags & F_PADDED:
+            if length < 1:
+                raise FrameSizeError("PADDED HEADERS frame too short for its pad length")
+            pad = p[0]
+            start = 1
+        if flags & F_PRIORITY:
+            if length - start < 5:
+                raise FrameSizeError("HEADERS frame too short for its priority fields")
+            if read_u32(p + start) & STREAM_MASK == sid:
+                # A self-dependency is a stream error, but the block must still be decoded.
+                start += 5
+                pad = 0xFFFFFFFF if pad + start > length else pad
+                self._header_block(sid, flags, p + start, length - start - (0 if pad == 0xFFFFFFFF else pad), True)
+                return 0
+            start += 5
+        if pad + start > length:
+            raise ProtocolError("HEADERS padding exceeds the payload")
+        self._header_block(sid, flags, p + start, length - start - pad, False)
+        return 0
+
+    cdef int _header_block(self, uint32_t sid, uint8_t flags, const uint8_t* p, Py_ssize_t n,
+                           bint self_dependent) except -1:
+        if not flags & F_END_HEADERS:
+            self.hb_stream = sid
+            self.hb_end_stream = bool(flags & F_END_STREAM)
+            self.hb_frames = 0
+            del self.hb_buf[:]
+            self.hb_buf += p[:n]
+            self._self_dependent = self_dependent
+            return 0
+        return self._on_block(sid, bool(flags & F_END_STREAM), p, n, self_dependent)
+
+    cdef int _on_continuation(self, uint8_t flags, uint32_t sid, const uint8_t* p, uint32_t length) except -1:
+        if sid == 0 or sid != self.hb_stream:
+            raise ProtocolError(f"CONTINUATION on stream {sid} outside a header block")
+        self.hb_frames += 1
+        self.hb_buf += p[:length]
+        if PyByteArray_GET_SIZE(self.hb_buf) > 2 * <Py_ssize_t>self.local_max_header_list + 16384:
+            raise EnhanceYourCalm("header block too large")
+        if self.hb_frames > MAX_CONTINUATIONS and not flags & F_END_HEADERS:
+            raise EnhanceYourCalm("too many CONTINUATION frames")
+        if flags & F_END_HEADERS:
+            self.hb_stream = 0
+            block = bytes(self.hb_buf)
+            del self.hb_buf[:]
+            return self._on_block(sid, self.hb_end_stream, <const uint8_t*>PyBytes_AS_STRING(block),
+                                  PyBytes_GET_SIZE(block), self._self_dependent)
+        return 0
+
+    cdef int _on_block(self, uint32_t sid, bint end_stream, const uint8_t* p, Py_ssize_t n,
+                       bint self_dependent) except -1:
+        cdef list headers = None
+        cdef bint too_large = False
+        cdef Stream s
+        cdef str why
+        cdef int kind
+        try:
+            headers = self.decoder._decode(p, n)
+        except HeaderListTooLarge:
+            too_large = True  # the block was processed to the end: the table is in sync
+        except H2Error as e:
+            raise CompressionError(str(e)) if e.error_code == E_COMPRESSION_ERROR else e
+        s = self.streams.get(sid)
+        if s is None:
+            if not self._is_idle_id(sid):
+                if sid in self._recent_resets:
+                    return 0
+                raise StreamClosedError(f"HEADERS on closed stream {sid}")
+            if self.client:
+                raise ProtocolError(f"HEADERS on stream {sid}, which we did not open")
+            # a new request
+            self.last_peer_stream = sid
+            if self.goaway_sent and sid > self.goaway_sent_last:
+                return 0  # after our GOAWAY: ignored, never processed
+            s = _new_stream(self, sid)
+            s.state = S_OPEN
+            s.hold = self.hold_new
+            s.notify_close = not self.hold_new
+            self.open_remote += 1
+            if too_large or self_dependent:
+                self._stream_error(s, E_PROTOCOL_ERROR)
+                return 0
+            if self.open_remote > self.local_max_concurrent:
+                s.unprocessed = True
+                self._stream_error(s, E_REFUSED_STREAM)
+                return 0
+            why = _check_fields(s, headers, 0)
+            if why is not None:
+                self._stream_error(s, E_PROTOCOL_ERROR)
+                return 0
+            s.headers = headers
+            s.recv_headers = True
+            self.events.append((EV_REQUEST, s))
+            if end_stream:
+                if s.content_length > 0:
+                    self._stream_error(s, E_PROTOCOL_ERROR)
+                    return 0
+                s.held_end = s.hold
+                self._recv_end(s)
+            return 0
+        if s.recv_end:
+            self._stream_error(s, E_STREAM_CLOSED)
+            return 0
+        if too_large or self_dependent:
+            self._stream_error(s, E_PROTOCOL_ERROR)
+            return 0
+        if s.recv_headers:
+            # trailers
+            if not end_stream:
+                self._stream_error(s, E_PROTOCOL_ERROR)
+                return 0
+            why = _check_fields(s, headers, 2)
+            if why is not None or (s.content_length >= 0 and s.data_recv != s.content_length):
+                self._stream_error(s, E_PROTOCOL_ERROR)
+                return 0
+            s.trailers = headers
+            if s.peer is not None:
+                _send_trailers(s.peer, headers)
+            elif s.hold:
+                s.held_trailers = headers
+                s.held_end = True
+            else:
+                self.events.append((EV_TRAILERS, s))
+            self._recv_end(s)
+            return 0
+        # response headers (client role)
+        why = _check_fields(s, headers, 1)
+        if why is not None:
+            self._stream_error(s, E_PROTOCOL_ERROR)
+            return 0
+        if s.status < 200:
+            if end_stream:
+                self._stream_error(s, E_PROTOCOL_ERROR)
+                return 0
+            if s.peer is not None and s.status != 101:
+                _send_headers(s.peer, headers, False)
+            return 0
+        s.recv_headers = True
+        s.headers = headers
+        s.t_response_ns = _now()
+        if s.head or s.status == 304 or s.status == 204:
+            s.content_length = -1
+        if s.peer is not None:
+            _send_headers(s.peer, headers, end_stream)
+        else:
+            self.events.append((EV_RESPONSE, s))
+        if end_stream:
+            if s.content_length > 0:
+                self._stream_error(s, E_PROTOCOL_ERROR)
+                return 0
+            self._recv_end(s)
+        return 0
+
+    cdef int _on_window_update(self, uint32_t sid, const uint8_t* p, uint32_t length) except -1:
+        cdef uint32_t inc
+        cdef Stream s
+        if length != 4:
+            raise FrameSizeError(f"WINDOW_UPDATE frame of length {length}")
+        inc = read_u32(p) & STREAM_MASK
+        if sid == 0:
+            if inc == 0:
+                raise ProtocolError("WINDOW_UPDATE with increment 0 on the connection")
+            self.conn_send_window += inc
+            if self.conn_send_window > MAX_WINDOW:
+                raise FlowControlError("connection flow-control window above 2^31-1")
+            self._flush_blocked()
+            return 0
+        s = self.streams.get(sid)
+        if s is None:
+            if self._is_idle_id(sid):
+                raise ProtocolError(f"WINDOW_UPDATE on idle stream {sid}")
+            return 0  # closed: allowed for a while
+        if inc == 0:
+            self._stream_error(s, E_PROTOCOL_ERROR)
+            return 0
+        s.send_window += inc
+        if s.send_window > MAX_WINDOW:
+            self._stream_error(s, E_FLOW_CONTROL_ERROR)
+            return 0
+        if s.pending is not None and (PyByteArray_GET_SIZE(s.pending) or s.pending_end):
+            self._flush_stream(s)
+        return 0
+
+    cdef int _on_settings(self, uint8_t flags, uint32_t sid, const uint8_t* p, uint32_t length) except -1:
+        cdef uint32_t i, ident, value
+        cdef int64_t delta
+        if sid != 0:
+            raise ProtocolError(f"SETTINGS frame on stream {sid}")
+        if flags & F_ACK:
+            if length:
+                raise FrameSizeError("SETTINGS ACK with a payload")
+            return 0
+        if length % 6:
+            raise FrameSizeError(f"SETTINGS frame of length {length}, not a multiple of 6")
+        if not self.got_remote_settings:
+            self.got_remote_settings = True
+            self.remote_max_concurrent = 0xFFFFFFFF  # no limit unless this frame sets one
+        for i in range(0, length, 6):
+            ident = (<uint32_t>p[i] << 8) | p[i + 1]
+            value = read_u32(p + i + 2)
+            if ident == 0x1:
+                self.encoder.header_table_size = value
+            elif ident == 0x2:
+                if value > 1 or (self.client and value == 1):
+                    raise ProtocolError(f"SETTINGS_ENABLE_PUSH = {value}")
+            elif ident == 0x3:
+                self.remote_max_concurrent = value
+            elif ident == 0x4:
+                if value > MAX_WINDOW:
+                    raise FlowControlError(f"SETTINGS_INITIAL_WINDOW_SIZE = {value}")
+                delta = <int64_t>value - self.remote_initial_window
+                self.remote_initial_window = value
+                for s in self.streams.values():
+                    (<Stream>s).send_window += delta
+                    if (<Stream>s).send_window > MAX_WINDOW:
+                        raise FlowControlError("a stream's window above 2^31-1 after SETTINGS_INITIAL_WINDOW_SIZE")
+                if delta > 0:
+                    for s in list(self.streams.values()):
+                        if (<Stream>s).pending is not None and PyByteArray_GET_SIZE((<Stream>s).pending):
+                            self._flush_stream(<Stream>s)
+            elif ident == 0x5:
+                if not MIN_MAX_FRAME_SIZE <= value <= MAX_FRAME_LENGTH:
+                    raise ProtocolError(f"SETTINGS_MAX_FRAME_SIZE = {value}")
+                self.remote_max_frame_size = value
+            elif ident == 0x6:
+                self.remote_max_header_list = value
+        cdef uint8_t* q = grow(self.out, HEADER_SIZE)
+        put_frame_header(q, 0, T_SETTINGS, F_ACK, 0)
+        return 0
+
+    cdef int _on_rst_stream(self, uint32_t sid, const uint8_t* p, uint32_t length) except -1:
+        cdef Stream s
+        if sid == 0:
+            raise ProtocolError("RST_STREAM frame on stream 0")
+        if length != 4:
+            raise FrameSizeError(f"RST_STREAM frame of length {length}")
+        s = self.streams.get(sid)
+        if s is None:
+            if self._is_idle_id(sid):
+                raise ProtocolError(f"RST_STREAM on idle stream {sid}")
+            return 0
+        s.error_code = read_u32(p)
+        s.closed_remote_reset = True
+        if s.error_code == E_REFUSED_STREAM and self.client:
+            s.unprocessed = True
+        self._close(s, True)
+        return 0
+
+    cdef int _on_ping(self, uint8_t flags, uint32_t sid, const uint8_t* p, uint32_t length) except -1:
+        if sid != 0:
+            raise ProtocolError(f"PING frame on stream {sid}")
+        if length != 8:
+            raise FrameSizeError(f"PING frame of length {length}")
+        if flags & F_ACK:
+            if self._shutdown_ping and memcmp(p, PyBytes_AS_STRING(SHUTDOWN_PING), 8) == 0:
+                self._shutdown_ping = False
+                self._goaway(self.last_peer_stream, E_NO_ERROR, b"")
+                self._check_idle()
+            return 0
+        cdef uint8_t* q = grow(self.out, HEADER_SIZE + 8)
+        put_frame_header(q, 8, T_PING, F_ACK, 0)
+        memcpy(q + HEADER_SIZE, p, 8)
+        return 0
+
+    cdef int _on_goaway(self, uint32_t sid, const uint8_t* p, uint32_t length) except -1:
+        cdef uint32_t last
+        cdef Stream s
+        if sid != 0:
+            raise ProtocolError(f"GOAWAY frame on stream {sid}")
+        if length < 8:
+            raise FrameSizeError(f"GOAWAY frame of length {length}")
+        last = read_u32(p) & STREAM_MASK
+        if self.goaway_received and last > self.goaway_received_last:
+            raise ProtocolError("GOAWAY raised the last stream id")
+        self.goaway_received = True
+        self.goaway_received_last = last
+        self.goaway_received_code = read_u32(p + 4)
+        self.events.append((EV_GOAWAY, last, self.goaway_received_code,
+                            PyBytes_FromStringAndSize(<const char*>p + 8, length - 8)))
+        # Our streams above ``last`` were never seen by the peer: safe to retry elsewhere.
+        for s in list(self.streams.values()):
+            if ((<Stream>s).id & 1) == (1 if self.client else 0) and (<Stream>s).id > last:
+                (<Stream>s).unprocessed = True
+                (<Stream>s).error_code = E_REFUSED_STREAM
+                (<Stream>s).closed_remote_reset = True
+                self._close(<Stream>s, True)
+        self._check_idle()
+        return 0
+
+    # -- sending ----------------------------------------------------------
+
+    def open_stream(self, headers, bint end_stream=False):
+        """Open a client stream with ``headers``; returns the Stream."""
+        if not self.client:
+            raise ValueError("only the client role opens streams")
+        if not self.can_open:
+            raise ValueError("no new stream can be opened on this connection")
+        cdef Stream s = _new_stream(self, self.next_stream_id)
+        self.next_stream_id += 2
+        self.open_local += 1
+        s.state = S_OPEN
+        s.notify_close = not self.hold_new
+        for h in headers:
+            if h[0] == b":method" and h[1] == b"HEAD":
+                s.head = True
+        _send_headers(s, list(headers), end_stream)
+        return s
+
+    def open_forward(self, Stream src, authority=None, path=None, timeout_ns=-1):
+        """Open a stream carrying ``src``'s request upstream and link the two.
+
+        The request headers are re-encoded with ``authority``/``path``
+        rewritten when given, ``grpc-timeout`` replaced by ``timeout_ns`` when
+        that is >= 0 (the time left), and ``x-request-id`` added when absent
+        and the connection generates them. DATA that arrived before the link
+        is forwarded now.
+        """
+        cdef list out = []
+        cdef tuple h
+        cdef bytes name
+        cdef bint end = src.held_end and src.held_trailers is None and not src.held_bytes
+        if not self.can_open:
+            raise ValueError("no new stream can be opened on this connection")
+        for item in src.headers:
+            h = <tuple>item
+            name = <bytes>h[0]
+            if PyBytes_AS_STRING(name)[0] == 58:
+                if authority is not None and name == b":authority":
+                    h = (name, authority)
+                elif path is not None and name == b":path":
+                    h = (name, path)
+                out.append(h)
+                continue
+            if name == b"grpc-timeout" and timeout_ns >= 0:
+                continue
+            if name == b"host" and authority is not None:
+                continue
+            out.append(h)
+        if timeout_ns >= 0 and src.is_grpc:
+            out.append((b"grpc-timeout", format_grpc_timeout(timeout_ns)))
+        if src.request_id is None and src.conn.generate_request_id:
+            src.request_id = self._make_request_id()
+            out.append((b"x-request-id", src.request_id))
+        cdef Stream s = _new_stream(self, self.next_stream_id)
+        self.next_stream_id += 2
+        self.open_local += 1
+        s.state = S_OPEN
+        s.head = src.head
+        s.is_grpc = src.is_grpc
+        src.peer = s
+        s.peer = src
+        _send_headers(s, out, end)
+        _release_held(src)
+        return s
+
+    cdef bytes _make_request_id(self):
+        # A version-4 UUID from the connection's splitmix64 generator, seeded from os.urandom.
+        cdef uint64_t a, b
+        self._rid_state += 0x9E3779B97F4A7C15ULL
+        a = _mix(self._rid_state)
+        self._rid_state += 0x9E3779B97F4A7C15ULL
+        b = _mix(self._rid_state)
+        a = (a & 0xFFFFFFFFFFFF0FFFULL) | 0x4000ULL            # version 4
+        b = (b & 0x3FFFFFFFFFFFFFFFULL) | 0x8000000000000000ULL  # variant 10
+        # xxxxxxxx-xxxx-4xxx-yxxx-xxxxxxxxxxxx, formatted by hand (this runs per request)
+        cdef char[36] out
+        cdef int i, k = 0
+        cdef uint64_t v
+        for i in range(36):
+            if i == 8 or i == 13 or i == 18 or i == 23:
+                out[i] = 45
+                continue
+            v = a if k < 16 else b
+            out[i] = _HEX[(v >> (60 - 4 * (k & 15))) & 0xF]
+            k += 1
+        return PyBytes_FromStringAndSize(out, 36)
+
+    def send_headers(self, Stream s, headers, bint end_stream=False):
+        if s.conn is not self:
+            raise ValueError("stream of another connection")
+        if s.state == S_CLOSED or s.sent_end:
+            raise ValueError(f"stream {s.id} cannot send")
+        if s.sent_headers:
+            _send_trailers(s, list(headers))
+        else:
+            _send_headers(s, list(headers), end_stream)
+
+    def send_data(self, Stream s, data, bint end_stream=False):
+        """Queue DATA on ``s``: sent as the windows allow, the rest waits in the stream."""
+        cdef Py_buffer view
+        if s.conn is not self:
+            raise ValueError("stream of another connection")
+        if s.state == S_CLOSED or s.sent_end or not s.sent_headers:
+            raise ValueError(f"stream {s.id} cannot send DATA")
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            _send_data(s, <const uint8_t*>view.buf, view.len, end_stream, None)
+        finally:
+            PyBuffer_Release(&view)
+
+    def reset_stream(self, Stream s, error_code=E_CANCEL):
+        if s.state != S_CLOSED:
+            self._stream_error(s, error_code)
+        return self._take_events()
+
+    def respond(self, Stream s, int status, headers=(), body=b"", grpc_status=None, grpc_message=None):
+        """An answer made by the proxy: gRPC as trailers-only, else status + body.
+
+        A request still being received is then reset with NO_ERROR (§8.1),
+        and a linked upstream stream is cancelled.
+        """
+        cdef list hs
+        if s.state == S_CLOSED or s.sent_headers:
+            return self._take_events()
+        if s.peer is not None:
+            peer = s.peer
+            _unlink(s)
+            if peer.state != S_CLOSED:
+                peer.conn._stream_error(peer, E_CANCEL)
+                _mark(peer.conn)
+        if grpc_status is not None:
+            hs = [H_STATUS_200, H_GRPC_CT, (b"grpc-status", b"%d" % grpc_status)]
+            if grpc_message:
+                hs.append((b"grpc-message", _percent_encode(grpc_message)))
+            hs.extend(headers)
+            _send_headers(s, hs, True)
+        else:
+            hs = [(b":status", b"%d" % status)]
+            hs.extend(headers)
+            if body:
+                hs.append((b"content-length", b"%d" % len(body)))
+            _send_headers(s, hs, not body)
+            if body:
+                self.send_data(s, body, True)
+        if s.state != S_CLOSED and not s.recv_end:
+            self._stream_error(s, E_NO_ERROR)
+        _mark(self)
+        return self._take_events()
+
+    # -- internals ----------------------------------------------------------
+
+    cdef int _window_update(self, uint32_t sid, uint32_t inc) except -1:
+        cdef uint8_t* q = grow(self.out, HEADER_SIZE + 4)
+        put_frame_header(q, 4, T_WINDOW_UPDATE, 0, sid)
+        put_u32(q + HEADER_SIZE, inc)
+        return 0
+
+    cdef int _ping(self, bytes opaque, bint ack) except -1:
+        cdef uint8_t* q = grow(self.out, HEADER_SIZE + 8)
+        put_frame_header(q, 8, T_PING, F_ACK if ack else 0, 0)
+        memcpy(q + HEADER_SIZE, PyBytes_AS_STRING(opaque), 8)
+        return 0
+
+    cdef int _goaway(self, uint32_t last, uint32_t code, bytes debug) except -1:
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(debug)
+        cdef uint8_t* q = grow(self.out, HEADER_SIZE + 8 + n)
+        put_frame_header(q, 8 + n, T_GOAWAY, 0, 0)
+        put_u32(q + HEADER_SIZE, last)
+        put_u32(q + HEADER_SIZE + 4, code)
+        memcpy(q + HEADER_SIZE + 8, PyBytes_AS_STRING(debug), n)
+        self.goaway_sent = True
+        self.goaway_sent_last = last
+        return 0
+
+    cdef int _terminate(self, uint32_t code, str message) except -1:
+        self._goaway(self.last_peer_stream, code, message.encode("utf-8", "replace")[:256])
+        self.terminated = True
+        self.hb_stream = 0
+        self._abort_streams(E_CANCEL if code == E_NO_ERROR else code)
+        self.events.append((EV_TERMINATED, code, message))
+        return 0
+
+    cdef int _abort_streams(self, uint32_t code) except -1:
+        cdef Stream s
+        for s in list(self.streams.values()):
+            if s.error_code < 0:
+                s.error_code = code
+            self._close(s, True)
+        return 0
+
+    cdef int _credit_connection(self, Py_ssize_t n) except -1:
+        self.conn_recv_unacked += n
+        if self.conn_recv_unacked >= self.local_connection_window // 2 and not self.terminated:
+            self._window_update(0, <uint32_t>self.conn_recv_unacked)
+            self.conn_recv_window += self.conn_recv_unacked
+            self.conn_recv_unacked = 0
+            _mark(self)
+        return 0
+
+    cdef int _credit(self, Stream s, Py_ssize_t n) except -1:
+        """``n`` received bytes of ``s`` were consumed: return them to the sender's windows."""
+        if n <= 0:
+            return 0
+        self._credit_connection(n)
+        if s.state == S_CLOSED or s.recv_end:
+            return 0
+        s.recv_unacked += n
+        if s.recv_unacked >= self.local_initial_window // 2:
+            self._window_update(s.id, <uint32_t>s.recv_unacked)
+            s.recv_window += s.recv_unacked
+            s.recv_unacked = 0
+            _mark(self)
+        return 0
+
+    cdef int _recv_end(self, Stream s) except -1:
+        s.recv_end = True
+        if s.state == S_OPEN:
+            s.state = S_HALF_REMOTE
+        elif s.state == S_HALF_LOCAL:
+            self._close(s, False)
+        return 0
+
+    cdef int _sent_end(self, Stream s) except -1:
+        s.sent_end = True
+        if s.state == S_OPEN:
+            s.state = S_HALF_LOCAL
+        elif s.state == S_HALF_REMOTE:
+            self._close(s, False)
+        return 0
+
+    cdef int _stream_error_id(self, uint32_t sid, uint32_t code) except -1:
+        cdef Stream s = self.streams.get(sid)
+        if s is not None:
+            return self._stream_error(s, code)
+        self._rst(sid, code)
+        return 0
+
+    cdef int _rst(self, uint32_t sid, uint32_t code) except -1:
+        cdef uint8_t* q = grow(self.out, HEADER_SIZE + 4)
+        put_frame_header(q, 4, T_RST_STREAM, 0, sid)
+        put_u32(q + HEADER_SIZE, code)
+        self._recent_resets[sid] = None
+        if len(self._recent_resets) > RECENT_RESETS:
+            del self._recent_resets[next(iter(self._recent_resets))]
+        _mark(self)
+        return 0
+
+    cdef int _stream_error(self, Stream s, uint32_t code) except -1:
+        """Reset ``s`` with ``code`` (a stream error, or our own cancel); the connection lives on."""
+        if s.state == S_CLOSED:
+            return 0
+        if not self.terminated:
+            self._rst(s.id, code)
+        if s.error_code < 0 or code != E_NO_ERROR:
+            s.error_code = code
+        if code != E_NO_ERROR:
+            self.protocol_errors += code in (E_PROTOCOL_ERROR, E_FLOW_CONTROL_ERROR, E_FRAME_SIZE_ERROR)
+        self._close(s, code != E_NO_ERROR or not s.sent_end)
+        return 0
+
+    cdef int _close(self, Stream s, bint abnormal) except -1:
+        """Take ``s`` out of the connection; on an abnormal end, tell its linked peer."""
+        cdef Stream peer
+        if s.state == S_CLOSED:
+            return 0
+        s.state = S_CLOSED
+        del self.streams[s.id]
+        if (s.id & 1) == (1 if self.client else 0):
+            self.open_local -= 1
+        else:
+            self.open_remote -= 1
+        # Whatever it received but nobody will consume goes back to the connection window.
+        if s.held is not None and PyByteArray_GET_SIZE(s.held):
+            self._credit_connection(PyByteArray_GET_SIZE(s.held))
+            s.held = None
+        if s.pending is not None:
+            if abnormal and PyByteArray_GET_SIZE(s.pending) and s.peer is not None:
+                s.peer.conn._credit_connection(PyByteArray_GET_SIZE(s.pending))
+            s.pending = None
+        peer = s.peer
+        if peer is not None:
+            if abnormal:
+                _unlink(s)
+                if peer.state != S_CLOSED:
+                    _peer_reset(peer, s)
+            elif peer.state == S_CLOSED:
+                _unlink(s)  # both ends done: break the reference cycle
+        if s.notify_close:
+            self.events.append((EV_CLOSED, s))
+        self._check_idle()
+        return 0
+
+    cdef int _check_idle(self) except -1:
+        if not self.streams and (self.goaway_sent or self.goaway_received) and not self._shutdown_ping:
+            self.events.append((EV_IDLE,))
+        return 0
+
+    cdef int _flush_stream(self, Stream s) except -1:
+        """Send what waits in ``s`` as the windows allow; credit its source for what left."""
+        cdef Py_ssize_t n, sent
+        cdef bytearray buf = s.pending
+        if buf is None or s.state == S_CLOSED or self.write_paused:
+            return 0
+        n = PyByteArray_GET_SIZE(buf)
+        sent = _write_data(s, <const uint8_t*>PyByteArray_AS_STRING(buf), n,
+                           s.pending_end and s.pending_trailers is None)
+        if sent:
+            del buf[:sent]
+            if s.peer is not None:
+                s.peer.conn._credit(s.peer, sent)
+                _mark(s.peer.conn)
+        if sent == n and s.state != S_CLOSED:
+            if s.pending_trailers is not None:
+                trailers = s.pending_trailers
+                s.pending_trailers = None
+                _write_headers(s, trailers, True)
+            elif s.pending_end and not s.sent_end:
+                # an empty END_STREAM when the data had been sent without it
+                _write_data(s, NULL, 0, True)
+        _mark(self)
+        return 0
+
+    cdef int _flush_blocked(self) except -1:
+        cdef list blocked = self._blocked
+        cdef Stream s
+        self._blocked = []
+        for s in blocked:
+            s.blocked = False
+            if s.pending is not None and (PyByteArray_GET_SIZE(s.pending) or s.pending_end):
+                self._flush_stream(s)
+        return 0
+
+
+cdef inline uint64_t _mix(uint64_t z) noexcept:
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL
+    return z ^ (z >> 31)
+
+
+cdef bytes _percent_encode(object message):
+    # grpc-message is percent-encoded UTF-8 (gRPC over HTTP/2, "Responses").
+    cdef bytes raw = message.encode("utf-8") if isinstance(message, str) else bytes(message)
+    out = bytearray()
+    for ch in raw:
+        if 0x20 <= ch <= 0x7E and ch != 0x25:
+            out.append(ch)
+        else:
+            out += b"%%%02X" % ch
+    return bytes(out)
+
+
+cdef void _unlink(Stream s) noexcept:
+    if s.peer is not None:
+        s.peer.peer = None
+        s.peer = None
+
+
+def link(Stream a, Stream b):
+    """Link two streams on two connections: from now on each forwards to the other in C."""
+    if a.peer is not None or b.peer is not None:
+        raise ValueError("stream already linked")
+    a.peer = b
+    b.peer = a
+    _release_held(a)
+    _release_held(b)
+
+
+cdef int _release_held(Stream s) except -1:
+    """Forward what ``s`` received before it was linked."""
+    cdef bytearray held = s.held
+    cdef Stream dst = s.peer
+    s.hold = False
+    if dst is None:
+        return 0
+    if held is not None:
+        s.held = None
+        if PyByteArray_GET_SIZE(held):
+            _send_data(dst, <const uint8_t*>PyByteArray_AS_STRING(held), PyByteArray_GET_SIZE(held),
+                       s.held_end and s.held_trailers is None, s)
+        elif s.held_end and s.held_trailers is None and not dst.sent_end and dst.sent_headers:
+            _send_data(dst, NULL, 0, True, s)
+    elif s.held_end and s.held_trailers is None and not dst.sent_end and dst.sent_headers:
+        _send_data(dst, NULL, 0, True, s)
+    if s.held_trailers is not None:
+        _send_trailers(dst, s.held_trailers)
+        s.held_trailers = None
+    return 0
+
+
+cdef int _peer_reset(Stream dst, Stream src) except -1:
+    """``src`` ended abnormally; end its linked stream ``dst`` accordingly.
+
+    Downstream (server-role) streams get a gRPC status when no response has
+    started (trailers-only, 14 UNAVAILABLE or 1 CANCELLED), else a reset.
+    Upstream streams are cancelled.
+    """
+    cdef H2Connection c = dst.conn
+    cdef int64_t code = src.error_code
+    if c.client:
+        c._stream_error(dst, E_CANCEL)
+    elif dst.sent_end or dst.pending_end:
+        # The whole response is out (or queued): only the request body is unwanted now.
+        if not dst.recv_end and dst.sent_end:
+            c._stream_error(dst, E_NO_ERROR)
+    elif not dst.sent_headers and dst.is_grpc:
+        status = 1 if code == E_CANCEL and not src.closed_remote_reset else 14
+        reason = "upstream connection lost" if src.conn.terminated else \
+            f"upstream reset the stream ({_code_name(code)})"
+        dst.response_flags = "UR" if not src.conn.terminated else "UC"
+        c.respond(dst, 200, (), b"", status, reason)
+    elif not dst.sent_headers:
+        dst.response_flags = "UR" if not src.conn.terminated else "UC"
+        reason = b"upstream connect error or disconnect/reset before headers"
+        c.respond(dst, 503, [(b"content-type", b"text/plain"), (b"x-meshproxy-response-flags",
+                                                                b"UC" if src.conn.terminated else b"UR")],
+                  reason, None, None)
+    else:
+        dst.response_flags = "UR" if not src.conn.terminated else "UC"
+        c._stream_error(dst, E_INTERNAL_ERROR if code == E_NO_ERROR else (
+            E_CANCEL if code == E_REFUSED_STREAM else <uint32_t>code))
+    _mark(c)
+    return 0
+
+
+cdef str _code_name(int64_t code):
+    try:
+        return ErrorCode(code).name
+    except ValueError:
+        return f"0x{code:x}"
+
+
+cdef int _send_headers(Stream s, list headers, bint end_stream) except -1:
+    cdef H2Connection c = s.conn
+    if s.state == S_CLOSED or c.terminated:
+        return 0
+    s.sent_headers = True
+    _write_headers(s, headers, end_stream)
+    return 0
+
+
+cdef int _send_trailers(Stream s, list trailers) except -1:
+    """Trailers end the stream; they wait behind DATA still queued."""
+    if s.state == S_CLOSED or s.conn.terminated or s.sent_end:
+        return 0
+    if s.pending is not None and PyByteArray_GET_SIZE(s.pending):
+        s.pending_trailers = trailers
+        s.pending_end = True
+        return 0
+    if not s.sent_headers:
+        # a trailers-only response cannot follow nothing: send them as the headers
+        s.sent_headers = True
+    _write_headers(s, trailers, True)
+    return 0
+
+
+cdef int _write_headers(Stream s, list headers, bint end_stream) except -1:
+    cdef H2Connection c = s.conn
+    cdef Encoder enc = c.encoder
+    cdef Py_ssize_t n, off = 0, chunk, maxf = c.remote_max_frame_size
+    cdef uint8_t* q
+    cdef uint8_t flags
+    enc._encode(headers, True)
+    n = enc._out_len
+    chunk = n if n <= maxf else maxf
+    flags = (F_END_STREAM if end_stream else 0) | (F_END_HEADERS if chunk == n else 0)
+    q = grow(c.out, HEADER_SIZE + chunk)
+    put_frame_header(q, chunk, T_HEADERS, flags, s.id)
+    memcpy(q + HEADER_SIZE, enc._out, chunk)
+    off = chunk
+    while off < n:
+        chunk = n - off if n - off <= maxf else maxf
+        q = grow(c.out, HEADER_SIZE + chunk)
+        put_frame_header(q, chunk, T_CONTINUATION, F_END_HEADERS if off + chunk == n else 0, s.id)
+        memcpy(q + HEADER_SIZE, enc._out + off, chunk)
+        off += chunk
+    _mark(c)
+    if end_stream:
+        c._sent_end(s)
+    return 0
+
+
+cdef Py_ssize_t _write_data(Stream s, const uint8_t* p, Py_ssize_t n, bint end) except -1:
+    """Write as much of ``p[:n]`` as the windows allow as DATA frames; return how much.
+
+    END_STREAM goes on the last frame only if all of it was written.
+    """
+    cdef H2Connection c = s.conn
+    cdef Py_ssize_t allowed, chunk, off = 0, maxf = c.remote_max_frame_size
+    cdef uint8_t* q
+    if c.write_paused:
+        return 0
+    allowed = s.send_window if s.send_window < c.conn_send_window else c.conn_send_window
+    if allowed < 0:
+        allowed = 0
+    if allowed > n:
+        allowed = n
+    while off < allowed:
+        chunk = allowed - off if allowed - off <= maxf else maxf
+        q = grow(c.out, HEADER_SIZE + chunk)
+        put_frame_header(q, chunk, T_DATA, F_END_STREAM if end and off + chunk == n else 0, s.id)
+        memcpy(q + HEADER_SIZE, p + off, chunk)
+        off += chunk
+    if n == 0 and end:
+        q = grow(c.out, HEADER_SIZE)
+        put_frame_header(q, 0, T_DATA, F_END_STREAM, s.id)
+    s.send_window -= allowed
+    c.conn_send_window -= allowed
+    s.data_sent += allowed
+    if off < n and not s.blocked and c.conn_send_window <= 0:
+        s.blocked = True
+        c._blocked.append(s)
+    _mark(c)
+    if end and off == n:
+        c._sent_end(s)
+    return off
+
+
+cdef int _send_data(Stream dst, const uint8_t* p, Py_ssize_t n, bint end, Stream src) except -1:
+    """Forward ``n`` bytes to ``dst``: now if its windows allow, else queued in it.
+
+    ``src`` (the stream they came from, or None) is credited for what left.
+    """
+    cdef Py_ssize_t sent = 0
+    if dst.state == S_CLOSED or dst.sent_end or dst.conn.terminated:
+        if src is not None:
+            src.conn._credit(src, n)
+        return 0
+    if (dst.pending is None or not PyByteArray_GET_SIZE(dst.pending)) and not dst.pending_end:
+        sent = _write_data(dst, p, n, end)
+        if sent == n and (dst.sent_end or not end):
+            if src is not None and sent:
+                src.conn._credit(src, sent)
+            return 0
+    if dst.pending is None:
+        dst.pending = bytearray()
+    dst.pending += p[sent:n]
+    if end:
+        dst.pending_end = True
+    if src is not None and sent:
+        src.conn._credit(src, sent)
+    return 0
