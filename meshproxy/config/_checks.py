@@ -1,0 +1,299 @@
+"""The semantic checks of a SidecarConfig, and the grammar of its addresses and domains.
+
+The schema says what type each field has; this module says which values
+make sense together: addresses that parse, names that are unique, routes
+that point at clusters and subsets that exist, regexes that compile, HTTP/2
+settings within RFC 9113's limits. Whatever passes here can be compiled
+into a route table and bound without another error, so a control-plane push
+is either ACKed whole or NACKed with the first problem found.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import NamedTuple
+
+from meshproxy.config._error import ConfigError, at, index
+from meshproxy.config.v1 import config_pb2 as pb
+
+__all__ = ["Domain", "check_routes", "duration_s", "parse_address", "parse_domain", "validate"]
+
+# RFC 9110 token characters; a header name may also be an HTTP/2 pseudo-header (":scheme").
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_HEADER_NAME = re.compile(r":?[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+_DOMAIN_HOST = re.compile(r"[a-z0-9._-]+")
+_PORT = re.compile(r"[0-9]{1,5}")
+
+_MAX_WINDOW = 2**31 - 1
+_MIN_FRAME, _MAX_FRAME = 2**14, 2**24 - 1
+_MAX_GRPC_STATUS = 16
+
+
+def _port(text: str, lowest: int) -> int:
+    if not _PORT.fullmatch(text) or not lowest <= int(text) <= 65535:
+        raise ValueError(f"port {text!r} is not a number from {lowest} to 65535")
+    return int(text)
+
+
+def parse_address(text: str, *, listener: bool = False) -> tuple[str, int]:
+    """``"host:port"`` -> ``(host, port)``, IPv6 brackets removed; ValueError with the reason otherwise.
+
+    A listener's host must be an IP literal and its port may be 0 (the
+    kernel picks one); an endpoint's host may also be a DNS name, and its
+    port is 1..65535. IPv6 literals are bracketed: ``[::1]:15001``.
+    """
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0 or text[close + 1 : close + 2] != ":":
+            raise ValueError("expected [IPv6]:port, such as [::1]:15001")
+        host, port = text[1:close], text[close + 2 :]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IPv6 address") from None
+    else:
+        host, colon, port = text.rpartition(":")
+        if not colon:
+            raise ValueError("no port: expected host:port, such as 127.0.0.1:15001")
+        if ":" in host:
+            raise ValueError("an IPv6 address needs brackets, as in [::1]:15001")
+        if not host:
+            raise ValueError("no host: expected host:port, such as 127.0.0.1:15001")
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            if listener:
+                raise ValueError(f"{host!r} is not an IP address (a listener binds to one)") from None
+            if len(host) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in host.split(".")):
+                raise ValueError(f"{host!r} is neither an IP address nor a DNS name") from None
+    return host, _port(port, 0 if listener else 1)
+
+
+class Domain(NamedTuple):
+    """A virtual host's domain, lower-cased: ``pattern`` is a host (``"api.example.com"``, ``"[::1]"``),
+    a suffix wildcard (``"*.example.com"``) or ``"*"``; ``port`` None means any port."""
+
+    pattern: str
+    port: int | None
+
+    @property
+    def wildcard(self) -> bool:
+        return self.pattern.startswith("*")
+
+
+def parse_domain(text: str) -> Domain:
+    """A ``VirtualHost.domains`` entry -> Domain; ValueError with the reason otherwise."""
+    d = text.lower()
+    if d == "*":
+        return Domain("*", None)
+    port = None
+    if d.startswith("["):
+        close = d.find("]")
+        if close < 0:
+            raise ValueError("unclosed '[' (expected [IPv6] or [IPv6]:port)")
+        host, rest = d[: close + 1], d[close + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError("expected [IPv6] or [IPv6]:port")
+            port = _port(rest[1:], 1)
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise ValueError(f"{host[1:-1]!r} is not an IPv6 address") from None
+        return Domain(host, port)
+    host, colon, port_text = d.rpartition(":")
+    if not colon:
+        host = d
+    else:
+        port = _port(port_text, 1)
+    if host == "*":
+        raise ValueError("'*' matches every authority and takes no port")
+    body = host[1:] if host.startswith("*") else host
+    if not body or not _DOMAIN_HOST.fullmatch(body):
+        raise ValueError("expected a host name, '*.suffix' or '*', with an optional :port")
+    return Domain(host, port)
+
+
+def duration_s(d: object) -> float:
+    """A google.protobuf.Duration in seconds."""
+    return d.seconds + d.nanos / 1e9
+
+
+def _duration(msg: object, field: str, path: str, *, positive: bool = False) -> None:
+    if not msg.HasField(field):
+        return
+    d = getattr(msg, field)
+    if not -1_000_000_000 < d.nanos < 1_000_000_000 or (d.seconds > 0 > d.nanos) or (d.seconds < 0 < d.nanos):
+        raise ConfigError(at(path, field), f"malformed duration (seconds={d.seconds}, nanos={d.nanos})")
+    ns = d.seconds * 1_000_000_000 + d.nanos
+    if ns < 0 or (positive and ns == 0):
+        need = "greater than 0" if positive else "0 or more"
+        raise ConfigError(at(path, field), f"must be {need}, got {ns / 1e9:g}s")
+
+
+def _regex(pattern: str, path: str) -> None:
+    try:
+        re.compile(pattern.encode())
+    except re.error as exc:
+        raise ConfigError(path, f"invalid regex {pattern!r}: {exc.msg}") from None
+
+
+def _unique(name: str, seen: dict[str, str], path: str, what: str) -> None:
+    if not name:
+        raise ConfigError(at(path, "name"), f"every {what} needs a name")
+    if name in seen:
+        raise ConfigError(at(path, "name"), f"{what} name {name!r} is already used by {seen[name]}")
+    seen[name] = path
+
+
+def validate(cfg: pb.SidecarConfig) -> None:
+    """Raise ConfigError for the first thing in ``cfg`` the sidecar could not use."""
+    clusters: dict[str, pb.Cluster] = {}
+    seen: dict[str, str] = {}
+    for i, c in enumerate(cfg.clusters):
+        path = index("clusters", i)
+        _unique(c.name, seen, path, "cluster")
+        _check_cluster(c, path)
+        clusters[c.name] = c
+    seen = {}
+    bound: dict[tuple[str, int], str] = {}
+    for i, lis in enumerate(cfg.listeners):
+        path = index("listeners", i)
+        _unique(lis.name, seen, path, "listener")
+        try:
+            host, port = parse_address(lis.address, listener=True)
+        except ValueError as exc:
+            raise ConfigError(at(path, "address"), f"invalid address {lis.address!r}: {exc}") from None
+        # Port 0 is a fresh port per bind; two equal ones would both bind
+        # (SO_REUSEPORT) and silently share the traffic.
+        if port and (host, port) in bound:
+            raise ConfigError(at(path, "address"), f"{lis.address} is already the address of {bound[host, port]}")
+        bound[host, port] = path
+        if lis.HasField("http2"):
+            _check_http2(lis.http2, at(path, "http2"))
+        check_routes(lis, clusters, path)
+
+
+def _check_cluster(c: pb.Cluster, path: str) -> None:
+    if c.lb_policy not in pb.Cluster.LbPolicy.values():
+        raise ConfigError(at(path, "lb_policy"), f"unknown policy number {c.lb_policy}")
+    if c.hash_header and not _HEADER_NAME.fullmatch(c.hash_header):
+        raise ConfigError(at(path, "hash_header"), f"{c.hash_header!r} is not a header name")
+    for j, ep in enumerate(c.endpoints):
+        try:
+            parse_address(ep.address)
+        except ValueError as exc:
+            raise ConfigError(
+                at(index(at(path, "endpoints"), j), "address"), f"invalid address {ep.address!r}: {exc}"
+            ) from None
+    seen: dict[str, str] = {}
+    for j, s in enumerate(c.subsets):
+        spath = index(at(path, "subsets"), j)
+        _unique(s.name, seen, spath, "subset")
+        for key in s.labels:
+            if not key:
+                raise ConfigError(at(spath, "labels"), "a label selector key is empty")
+    _duration(c, "connect_timeout", path, positive=True)
+    _duration(c, "idle_timeout", path, positive=True)
+
+
+def _check_http2(h: pb.Http2Settings, path: str) -> None:
+    if h.HasField("max_concurrent_streams") and h.max_concurrent_streams == 0:
+        raise ConfigError(at(path, "max_concurrent_streams"), "0 would refuse every stream")
+    if h.HasField("initial_stream_window_size") and h.initial_stream_window_size > _MAX_WINDOW:
+        raise ConfigError(at(path, "initial_stream_window_size"), f"exceeds 2^31-1 ({h.initial_stream_window_size})")
+    if h.HasField("initial_connection_window_size") and not 65535 <= h.initial_connection_window_size <= _MAX_WINDOW:
+        raise ConfigError(
+            at(path, "initial_connection_window_size"),
+            f"must be from 65535 (where it starts; it can only grow) to 2^31-1, got {h.initial_connection_window_size}",
+        )
+    if h.HasField("max_frame_size") and not _MIN_FRAME <= h.max_frame_size <= _MAX_FRAME:
+        raise ConfigError(at(path, "max_frame_size"), f"must be from 16384 to 16777215, got {h.max_frame_size}")
+
+
+def check_routes(lis: pb.Listener, clusters: dict[str, pb.Cluster], lpath: str = "") -> None:
+    """Check ``lis``'s virtual hosts and routes, against ``clusters`` by name; ``lpath`` is the listener's path."""
+    seen: dict[str, str] = {}
+    domains: dict[Domain, str] = {}
+    for i, vh in enumerate(lis.virtual_hosts):
+        path = index(at(lpath, "virtual_hosts"), i)
+        _unique(vh.name, seen, path, "virtual host")
+        if not vh.domains:
+            raise ConfigError(at(path, "domains"), "no domains; '*' matches every authority")
+        for j, text in enumerate(vh.domains):
+            dpath = index(at(path, "domains"), j)
+            try:
+                d = parse_domain(text)
+            except ValueError as exc:
+                raise ConfigError(dpath, f"invalid domain {text!r}: {exc}") from None
+            if d in domains:
+                raise ConfigError(dpath, f"domain {text!r} is already in {domains[d]}")
+            domains[d] = dpath
+        route_names: dict[str, str] = {}
+        for j, route in enumerate(vh.routes):
+            rpath = index(at(path, "routes"), j)
+            if route.name:
+                _unique(route.name, route_names, rpath, "route")
+            _check_route(route, rpath, clusters)
+
+
+def _check_route(route: pb.Route, path: str, clusters: dict[str, pb.Cluster]) -> None:
+    _check_match(route.match, at(path, "match"))
+    _duration(route, "timeout", path)
+    action = route.WhichOneof("action")
+    if action is None:
+        raise ConfigError(path, "no action: set 'route' or 'direct_response'")
+    if action == "direct_response":
+        dr, dpath = route.direct_response, at(path, "direct_response")
+        if not 200 <= dr.status <= 599:
+            raise ConfigError(at(dpath, "status"), f"must be from 200 to 599, got {dr.status}")
+        if dr.HasField("grpc_status") and not 0 <= dr.grpc_status <= _MAX_GRPC_STATUS:
+            raise ConfigError(at(dpath, "grpc_status"), f"must be a gRPC status code (0..16), got {dr.grpc_status}")
+        return
+    ra, apath = route.route, at(path, "route")
+    if not ra.clusters:
+        raise ConfigError(at(apath, "clusters"), "no cluster to send to")
+    for j, wc in enumerate(ra.clusters):
+        wpath = index(at(apath, "clusters"), j)
+        cluster = clusters.get(wc.cluster)
+        if cluster is None:
+            known = ", ".join(clusters) or "none"
+            raise ConfigError(at(wpath, "cluster"), f"no cluster named {wc.cluster!r} (known: {known})")
+        if wc.subset and all(s.name != wc.subset for s in cluster.subsets):
+            raise ConfigError(at(wpath, "subset"), f"cluster {wc.cluster!r} has no subset named {wc.subset!r}")
+    if len(ra.clusters) > 1 and not any(wc.weight for wc in ra.clusters):
+        raise ConfigError(at(apath, "clusters"), "every weight is 0, so nothing could be picked")
+    if ra.prefix_rewrite and route.match.WhichOneof("path_specifier") not in ("prefix", "path"):
+        raise ConfigError(at(apath, "prefix_rewrite"), "needs a match on 'prefix' or 'path' to replace")
+    if ra.authority_rewrite and any(ch.isspace() or not ch.isprintable() for ch in ra.authority_rewrite):
+        raise ConfigError(at(apath, "authority_rewrite"), f"{ra.authority_rewrite!r} is not an authority")
+    if ra.hash_header and not _HEADER_NAME.fullmatch(ra.hash_header):
+        raise ConfigError(at(apath, "hash_header"), f"{ra.hash_header!r} is not a header name")
+
+
+def _check_match(m: pb.RouteMatch, path: str) -> None:
+    kind = m.WhichOneof("path_specifier")
+    if kind == "regex":
+        _regex(m.regex, at(path, "regex"))
+    elif kind is not None and not getattr(m, kind).startswith("/"):
+        raise ConfigError(at(path, kind), f"{getattr(m, kind)!r} must start with '/', as every :path does")
+    if m.HasField("grpc"):
+        g = m.grpc
+        if g.method and not g.service:
+            raise ConfigError(at(path, "grpc.method"), "a method needs its service")
+        for field in ("service", "method"):
+            value = getattr(g, field)
+            if "/" in value or any(ch.isspace() for ch in value):
+                raise ConfigError(
+                    at(at(path, "grpc"), field), f"{value!r} is not a gRPC {field} name (as in pkg.Service/Method)"
+                )
+    for j, h in enumerate(m.headers):
+        hpath = index(at(path, "headers"), j)
+        if not _HEADER_NAME.fullmatch(h.name):
+            raise ConfigError(at(hpath, "name"), f"{h.name!r} is not a header name")
+        if h.WhichOneof("match") == "regex":
+            _regex(h.regex, at(hpath, "regex"))
+    if m.method and not _TOKEN.fullmatch(m.method):
+        raise ConfigError(at(path, "method"), f"{m.method!r} is not an HTTP method")

@@ -1,0 +1,242 @@
+# ruff: noqa
+# fmt: off
+import datetime
+
+from google.protobuf import duration_pb2 as _duration_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class SidecarConfig(_message.Message):
+    __slots__ = ("version", "node", "listeners", "clusters")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    LISTENERS_FIELD_NUMBER: _ClassVar[int]
+    CLUSTERS_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    node: Node
+    listeners: _containers.RepeatedCompositeFieldContainer[Listener]
+    clusters: _containers.RepeatedCompositeFieldContainer[Cluster]
+    def __init__(self, version: _Optional[str] = ..., node: _Optional[_Union[Node, _Mapping]] = ..., listeners: _Optional[_Iterable[_Union[Listener, _Mapping]]] = ..., clusters: _Optional[_Iterable[_Union[Cluster, _Mapping]]] = ...) -> None: ...
+
+class Node(_message.Message):
+    __slots__ = ("id", "namespace", "workload", "labels", "service_account")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    WORKLOAD_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_ACCOUNT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    namespace: str
+    workload: str
+    labels: _containers.ScalarMap[str, str]
+    service_account: str
+    def __init__(self, id: _Optional[str] = ..., namespace: _Optional[str] = ..., workload: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., service_account: _Optional[str] = ...) -> None: ...
+
+class Listener(_message.Message):
+    __slots__ = ("name", "address", "virtual_hosts", "http2", "per_stream_buffer_limit_bytes", "per_connection_buffer_limit_bytes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    VIRTUAL_HOSTS_FIELD_NUMBER: _ClassVar[int]
+    HTTP2_FIELD_NUMBER: _ClassVar[int]
+    PER_STREAM_BUFFER_LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PER_CONNECTION_BUFFER_LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    address: str
+    virtual_hosts: _containers.RepeatedCompositeFieldContainer[VirtualHost]
+    http2: Http2Settings
+    per_stream_buffer_limit_bytes: int
+    per_connection_buffer_limit_bytes: int
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., virtual_hosts: _Optional[_Iterable[_Union[VirtualHost, _Mapping]]] = ..., http2: _Optional[_Union[Http2Settings, _Mapping]] = ..., per_stream_buffer_limit_bytes: _Optional[int] = ..., per_connection_buffer_limit_bytes: _Optional[int] = ...) -> None: ...
+
+class Http2Settings(_message.Message):
+    __slots__ = ("max_concurrent_streams", "initial_stream_window_size", "initial_connection_window_size", "max_frame_size", "max_header_list_size", "header_table_size")
+    MAX_CONCURRENT_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_STREAM_WINDOW_SIZE_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_CONNECTION_WINDOW_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_FRAME_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_HEADER_LIST_SIZE_FIELD_NUMBER: _ClassVar[int]
+    HEADER_TABLE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    max_concurrent_streams: int
+    initial_stream_window_size: int
+    initial_connection_window_size: int
+    max_frame_size: int
+    max_header_list_size: int
+    header_table_size: int
+    def __init__(self, max_concurrent_streams: _Optional[int] = ..., initial_stream_window_size: _Optional[int] = ..., initial_connection_window_size: _Optional[int] = ..., max_frame_size: _Optional[int] = ..., max_header_list_size: _Optional[int] = ..., header_table_size: _Optional[int] = ...) -> None: ...
+
+class VirtualHost(_message.Message):
+    __slots__ = ("name", "domains", "routes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DOMAINS_FIELD_NUMBER: _ClassVar[int]
+    ROUTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    domains: _containers.RepeatedScalarFieldContainer[str]
+    routes: _containers.RepeatedCompositeFieldContainer[Route]
+    def __init__(self, name: _Optional[str] = ..., domains: _Optional[_Iterable[str]] = ..., routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ...) -> None: ...
+
+class Route(_message.Message):
+    __slots__ = ("name", "match", "route", "direct_response", "timeout")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MATCH_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    DIRECT_RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    match: RouteMatch
+    route: RouteAction
+    direct_response: DirectResponse
+    timeout: _duration_pb2.Duration
+    def __init__(self, name: _Optional[str] = ..., match: _Optional[_Union[RouteMatch, _Mapping]] = ..., route: _Optional[_Union[RouteAction, _Mapping]] = ..., direct_response: _Optional[_Union[DirectResponse, _Mapping]] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class RouteMatch(_message.Message):
+    __slots__ = ("prefix", "path", "regex", "grpc", "headers", "method")
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    REGEX_FIELD_NUMBER: _ClassVar[int]
+    GRPC_FIELD_NUMBER: _ClassVar[int]
+    HEADERS_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    prefix: str
+    path: str
+    regex: str
+    grpc: GrpcMatch
+    headers: _containers.RepeatedCompositeFieldContainer[HeaderMatch]
+    method: str
+    def __init__(self, prefix: _Optional[str] = ..., path: _Optional[str] = ..., regex: _Optional[str] = ..., grpc: _Optional[_Union[GrpcMatch, _Mapping]] = ..., headers: _Optional[_Iterable[_Union[HeaderMatch, _Mapping]]] = ..., method: _Optional[str] = ...) -> None: ...
+
+class GrpcMatch(_message.Message):
+    __slots__ = ("service", "method")
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    method: str
+    def __init__(self, service: _Optional[str] = ..., method: _Optional[str] = ...) -> None: ...
+
+class HeaderMatch(_message.Message):
+    __slots__ = ("name", "exact", "present", "regex", "prefix", "invert")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    EXACT_FIELD_NUMBER: _ClassVar[int]
+    PRESENT_FIELD_NUMBER: _ClassVar[int]
+    REGEX_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    INVERT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    exact: str
+    present: bool
+    regex: str
+    prefix: str
+    invert: bool
+    def __init__(self, name: _Optional[str] = ..., exact: _Optional[str] = ..., present: _Optional[bool] = ..., regex: _Optional[str] = ..., prefix: _Optional[str] = ..., invert: _Optional[bool] = ...) -> None: ...
+
+class RouteAction(_message.Message):
+    __slots__ = ("clusters", "authority_rewrite", "prefix_rewrite", "hash_header")
+    CLUSTERS_FIELD_NUMBER: _ClassVar[int]
+    AUTHORITY_REWRITE_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_REWRITE_FIELD_NUMBER: _ClassVar[int]
+    HASH_HEADER_FIELD_NUMBER: _ClassVar[int]
+    clusters: _containers.RepeatedCompositeFieldContainer[WeightedCluster]
+    authority_rewrite: str
+    prefix_rewrite: str
+    hash_header: str
+    def __init__(self, clusters: _Optional[_Iterable[_Union[WeightedCluster, _Mapping]]] = ..., authority_rewrite: _Optional[str] = ..., prefix_rewrite: _Optional[str] = ..., hash_header: _Optional[str] = ...) -> None: ...
+
+class WeightedCluster(_message.Message):
+    __slots__ = ("cluster", "subset", "weight")
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    SUBSET_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    cluster: str
+    subset: str
+    weight: int
+    def __init__(self, cluster: _Optional[str] = ..., subset: _Optional[str] = ..., weight: _Optional[int] = ...) -> None: ...
+
+class DirectResponse(_message.Message):
+    __slots__ = ("status", "body", "grpc_status", "grpc_message")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    BODY_FIELD_NUMBER: _ClassVar[int]
+    GRPC_STATUS_FIELD_NUMBER: _ClassVar[int]
+    GRPC_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    status: int
+    body: str
+    grpc_status: int
+    grpc_message: str
+    def __init__(self, status: _Optional[int] = ..., body: _Optional[str] = ..., grpc_status: _Optional[int] = ..., grpc_message: _Optional[str] = ...) -> None: ...
+
+class Cluster(_message.Message):
+    __slots__ = ("name", "lb_policy", "hash_header", "endpoints", "subsets", "connect_timeout", "max_concurrent_streams_per_connection", "idle_timeout", "max_connections_per_endpoint")
+    class LbPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        PEAK_EWMA: _ClassVar[Cluster.LbPolicy]
+        ROUND_ROBIN: _ClassVar[Cluster.LbPolicy]
+        RANDOM: _ClassVar[Cluster.LbPolicy]
+        LEAST_REQUEST: _ClassVar[Cluster.LbPolicy]
+        RING_HASH: _ClassVar[Cluster.LbPolicy]
+    PEAK_EWMA: Cluster.LbPolicy
+    ROUND_ROBIN: Cluster.LbPolicy
+    RANDOM: Cluster.LbPolicy
+    LEAST_REQUEST: Cluster.LbPolicy
+    RING_HASH: Cluster.LbPolicy
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LB_POLICY_FIELD_NUMBER: _ClassVar[int]
+    HASH_HEADER_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
+    SUBSETS_FIELD_NUMBER: _ClassVar[int]
+    CONNECT_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENT_STREAMS_PER_CONNECTION_FIELD_NUMBER: _ClassVar[int]
+    IDLE_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONNECTIONS_PER_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    lb_policy: Cluster.LbPolicy
+    hash_header: str
+    endpoints: _containers.RepeatedCompositeFieldContainer[Endpoint]
+    subsets: _containers.RepeatedCompositeFieldContainer[Subset]
+    connect_timeout: _duration_pb2.Duration
+    max_concurrent_streams_per_connection: int
+    idle_timeout: _duration_pb2.Duration
+    max_connections_per_endpoint: int
+    def __init__(self, name: _Optional[str] = ..., lb_policy: _Optional[_Union[Cluster.LbPolicy, str]] = ..., hash_header: _Optional[str] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ..., subsets: _Optional[_Iterable[_Union[Subset, _Mapping]]] = ..., connect_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_concurrent_streams_per_connection: _Optional[int] = ..., idle_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_connections_per_endpoint: _Optional[int] = ...) -> None: ...
+
+class Endpoint(_message.Message):
+    __slots__ = ("address", "weight", "labels")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    weight: int
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, address: _Optional[str] = ..., weight: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class Subset(_message.Message):
+    __slots__ = ("name", "labels")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
