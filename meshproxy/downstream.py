@@ -1,0 +1,278 @@
+"""Downstream: the listener side. Accepts HTTP/2 (h2c) connections, routes each
+new request once, and hands it to an upstream stream; from then on the
+compiled core forwards both ways.
+
+Python runs here once per request (route, split, pick, open the upstream
+stream) and once when it ends (balancer feedback, deadline bookkeeping, the
+completion hooks for metrics and logs). Errors the proxy makes itself reach
+gRPC clients as trailers-only responses with the right grpc-status and a
+grpc-message naming the cause, and plain HTTP clients as 404/503/504 with an
+Envoy-style ``x-meshproxy-response-flags`` header.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import socket
+from typing import TYPE_CHECKING, Any
+
+from meshproxy._fast import conn as h2
+
+if TYPE_CHECKING:
+    from meshproxy.upstream import Endpoint, Subset
+    from meshproxy.worker import Worker
+
+__all__ = ["Deadlines", "DownstreamProtocol", "Request"]
+
+log = logging.getLogger("meshproxy.downstream")
+
+EV_REQUEST = h2.EV_REQUEST
+EV_CLOSED = h2.EV_CLOSED
+EV_IDLE = h2.EV_IDLE
+EV_TERMINATED = h2.EV_TERMINATED
+now_ns = h2.monotonic_ns
+
+# (response flag, grpc status, http status, message) for the errors the proxy answers itself.
+NO_ROUTE = ("NR", 12, 404, "no route matched the request")
+NO_CLUSTER = ("NC", 14, 503, "the route's cluster is not configured")
+NO_HEALTHY = ("UH", 14, 503, "no healthy upstream")
+TIMEOUT = ("UT", 4, 504, "upstream request timeout")
+DRAINING = ("DC", 14, 503, "the proxy is draining")
+
+
+class Request:
+    """What the proxy remembers about one request: the completion record.
+
+    Kept on the downstream stream's ``user`` slot; completion hooks receive
+    it when the downstream stream closes.
+    """
+
+    __slots__ = ("deadline_ns", "down", "endpoint", "flags", "index", "route", "start_ns", "subset", "up")
+
+    def __init__(self, down: h2.Stream, route: Any, start_ns: int) -> None:
+        self.down = down
+        self.route = route
+        self.start_ns = start_ns
+        self.up: h2.Stream | None = None
+        self.endpoint: Endpoint | None = None
+        self.subset: Subset | None = None
+        self.index = -1
+        self.flags = ""
+        self.deadline_ns = 0
+
+    @property
+    def response_flags(self) -> str:
+        return self.flags or self.down.response_flags or ""
+
+
+class Deadlines:
+    """Request deadlines of one worker: a heap and one timer for the earliest.
+
+    Only requests with a deadline (grpc-timeout or a route timeout) are here;
+    an entry whose request already ended is dropped when it surfaces.
+    """
+
+    __slots__ = ("_heap", "_seq", "_timer", "_timer_at", "worker")
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self._heap: list[tuple[int, int, Request]] = []
+        self._seq = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0
+
+    def add(self, deadline_ns: int, req: Request) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (deadline_ns, self._seq, req))
+        if self._timer is None or deadline_ns < self._timer_at:
+            self._arm(deadline_ns)
+
+    def _arm(self, at_ns: int) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        loop = self.worker.loop
+        self._timer_at = at_ns
+        self._timer = loop.call_later(max(0.0, (at_ns - now_ns()) / 1e9), self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        heap = self._heap
+        t = now_ns()
+        while heap and heap[0][0] <= t:
+            _, _, req = heapq.heappop(heap)
+            if req.down.state != "closed":
+                expire(req)
+        if heap:
+            self._arm(heap[0][0])
+        self.worker.outbox.flush()
+
+
+def expire(req: Request) -> None:
+    """A request ran past its deadline: answer it (or end it) as a timeout."""
+    down = req.down
+    req.flags = "UT"
+    conn = down.conn
+    if not down.sent_headers:
+        respond_error(down, TIMEOUT)
+    elif down.is_grpc and not down.sent_end:
+        conn.reset_stream(down, 0x8)
+    else:
+        conn.reset_stream(down, 0x8)
+
+
+def respond_error(stream: h2.Stream, err: tuple[str, int, int, str], detail: str = "") -> None:
+    flag, grpc_status, http_status, message = err
+    if detail:
+        message = f"{message}: {detail}"
+    req = stream.user
+    if req is not None:
+        req.flags = flag
+    headers = [(b"x-meshproxy-response-flags", flag.encode())]
+    conn = stream.conn
+    if stream.is_grpc:
+        conn.respond(stream, 200, headers, b"", grpc_status, message)
+    else:
+        conn.respond(stream, http_status, [(b"content-type", b"text/plain"), *headers], message.encode())
+
+
+class DownstreamProtocol(asyncio.Protocol):
+    """One accepted HTTP/2 connection on a listener."""
+
+    __slots__ = ("conn", "listener", "transport", "worker")
+
+    def __init__(self, worker: Worker, listener: str) -> None:
+        self.worker = worker
+        self.listener = listener
+        self.transport: asyncio.Transport | None = None
+        self.conn = h2.H2Connection(
+            False, worker.outbox, worker.downstream_settings(listener), hold=True, generate_request_id=True
+        )
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.conn.writer = transport.write
+        self.conn.initiate()
+        self.worker.downstreams.add(self)
+        if self.worker.draining:
+            self.conn.shutdown()
+        self.worker.outbox.flush()
+
+    def data_received(self, data: bytes) -> None:
+        events = self.conn.receive(data)
+        if events is not None:
+            self._events(events)
+        self.worker.outbox.flush()
+
+    def _events(self, events: list) -> None:
+        worker = self.worker
+        for ev in events:
+            kind = ev[0]
+            if kind == EV_REQUEST:
+                self._request(ev[1])
+            elif kind == EV_CLOSED:
+                req = ev[1].user
+                if req is not None:
+                    ev[1].user = None
+                    worker.complete(req)
+            elif kind == EV_IDLE or kind == EV_TERMINATED:
+                worker.loop.call_soon(self._close)
+
+    def _request(self, s: h2.Stream) -> None:
+        # Once per request: route, split, pick, open the upstream stream.
+        worker = self.worker
+        runtime = worker.runtime
+        s.notify_close = True
+        table = runtime.tables.get(self.listener)
+        route = table.match(s.authority or b"", s.path or b"", s.method, s.headers) if table is not None else None
+        req = Request(s, route, s.t_open_ns)
+        s.user = req
+        if route is None:
+            respond_error(s, NO_ROUTE)
+            return
+        direct = route.direct_response
+        if direct is not None:
+            req.flags = "DR"
+            conn = s.conn
+            if s.is_grpc and direct.grpc_status is not None:
+                conn.respond(s, 200, (), b"", direct.grpc_status, direct.grpc_message)
+            else:
+                conn.respond(s, direct.status, (), direct.body)
+            return
+        cluster_name, subset_name = route.pick()
+        cluster = runtime.clusters.get(cluster_name)
+        subset = cluster.subsets.get(subset_name) if cluster is not None else None
+        if subset is None:
+            respond_error(s, NO_CLUSTER, f"{cluster_name}/{subset_name}" if subset_name else cluster_name)
+            return
+        i = subset.pick(s, route.hash_header or cluster.hash_header)
+        if i < 0:
+            respond_error(s, NO_HEALTHY, cluster_name)
+            return
+        ep = subset.endpoints[i]
+        req.subset = subset
+        req.index = i
+        req.endpoint = ep
+        # The deadline: the smaller of grpc-timeout and the route timeout.
+        timeout_ns = s.grpc_timeout_ns
+        route_timeout = route.timeout_s
+        if route_timeout is not None:
+            rt = int(route_timeout * 1e9)
+            if timeout_ns < 0 or rt < timeout_ns:
+                timeout_ns = rt
+        if timeout_ns >= 0:
+            req.deadline_ns = req.start_ns + timeout_ns
+            worker.deadlines.add(req.deadline_ns, req)
+        for p in ep.conns:
+            c = p.conn
+            if c.can_open:
+                if timeout_ns >= 0:
+                    self._forward(req, c)
+                else:
+                    req.up = c.open_forward(s, route.authority_rewrite, route.rewrite_path(s.path), -1)
+                return
+        ep.wait(worker, lambda conn, failure: self._connected(req, conn, failure))
+
+    def _connected(self, req: Request, c: h2.H2Connection | None, failure: tuple | None) -> None:
+        s = req.down
+        if s.state == "closed":
+            return
+        if c is None:
+            respond_error(s, failure, req.endpoint.address)
+            return
+        self._forward(req, c)
+
+    def _forward(self, req: Request, c: h2.H2Connection) -> None:
+        s = req.down
+        route = req.route
+        timeout_ns = -1
+        if req.deadline_ns:
+            timeout_ns = req.deadline_ns - now_ns()
+            if timeout_ns <= 0:
+                expire(req)
+                return
+        req.up = c.open_forward(s, route.authority_rewrite, route.rewrite_path(s.path), timeout_ns)
+
+    def _close(self) -> None:
+        self.worker.outbox.flush()
+        if self.transport is not None:
+            self.transport.close()
+
+    def pause_writing(self) -> None:
+        self.conn.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.conn.resume_writing()
+        self.worker.outbox.flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.conn.writer = None
+        events = self.conn.connection_lost()
+        if events is not None:
+            self._events(events)
+        self.worker.downstreams.discard(self)
+        self.worker.outbox.flush()

@@ -1,0 +1,194 @@
+"""One sidecar worker process: its event loop, listeners, runtime config,
+upstream pools, deadlines, and graceful drain.
+
+The config in force is one ``Runtime`` object (route tables compiled per
+listener, clusters with their endpoints); ``apply()`` builds a new one from
+a ``meshproxy.v1.SidecarConfig`` and swaps it in with a single assignment,
+keeping the live connections of endpoints that are still there. A request
+uses the runtime it was routed with until it ends.
+
+With ``--concurrency N`` the supervisor in ``meshproxy.cli`` forks N of
+these; each binds the listeners with SO_REUSEPORT so the kernel spreads
+connections across them, as Envoy's workers do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from meshproxy._fast import conn as h2
+from meshproxy.downstream import Deadlines, DownstreamProtocol, Request
+from meshproxy.routing import RouteTable
+from meshproxy.upstream import Cluster, Endpoint, UpstreamProtocol, parse_address
+
+__all__ = ["Runtime", "Worker"]
+
+log = logging.getLogger("meshproxy.worker")
+
+
+def _http2_settings(msg: Any) -> dict[str, int]:
+    """A listener's ``Http2Settings`` as keyword settings of the compiled connection."""
+    out = {}
+    for field, key in (
+        ("max_concurrent_streams", "max_concurrent_streams"),
+        ("initial_stream_window_size", "initial_window_size"),
+        ("initial_connection_window_size", "connection_window"),
+        ("max_frame_size", "max_frame_size"),
+        ("max_header_list_size", "max_header_list_size"),
+        ("header_table_size", "header_table_size"),
+    ):
+        if msg.HasField(field):
+            out[key] = getattr(msg, field)
+    return out
+
+
+def _listener_settings(ls: Any) -> dict[str, int]:
+    # The buffer limits are the windows we advertise: a sender cannot exceed
+    # them, and we reopen them only as bytes leave for the other side.
+    out = {}
+    if ls.per_stream_buffer_limit_bytes:
+        out["initial_window_size"] = max(65535, ls.per_stream_buffer_limit_bytes)
+    if ls.per_connection_buffer_limit_bytes:
+        out["connection_window"] = max(65535, ls.per_connection_buffer_limit_bytes)
+    if ls.HasField("http2"):
+        out.update(_http2_settings(ls.http2))
+    return out
+
+
+class Runtime:
+    """The config in force: route tables by listener name, clusters by name."""
+
+    __slots__ = ("clusters", "config", "listener_settings", "tables", "version")
+
+    def __init__(self, config: Any, previous: Runtime | None = None) -> None:
+        self.config = config
+        self.version = config.version
+        reuse: dict[str, dict[str, Endpoint]] = {}
+        if previous is not None:
+            for name, cl in previous.clusters.items():
+                reuse[name] = {ep.address: ep for ep in cl.endpoints}
+        self.clusters = {c.name: Cluster(c, reuse.get(c.name)) for c in config.clusters}
+        self.tables = {ls.name: RouteTable.compile(ls, config.clusters) for ls in config.listeners}
+        self.listener_settings = {ls.name: _listener_settings(ls) for ls in config.listeners}
+
+
+class Worker:
+    """Runs the sidecar's listeners on one event loop."""
+
+    def __init__(self, config: Any, loop: asyncio.AbstractEventLoop, drain_timeout: float = 10.0) -> None:
+        self.loop = loop
+        self.outbox = h2.Outbox()
+        self.runtime = Runtime(config)
+        self.deadlines = Deadlines(self)
+        self.downstreams: set[DownstreamProtocol] = set()
+        self.upstreams: set[UpstreamProtocol] = set()
+        self.servers: list[asyncio.base_events.Server] = []
+        self.draining = False
+        self.drain_timeout = drain_timeout
+        self.upstream_settings = {"initial_window_size": 1 << 20, "connection_window": 4 << 20}
+        # Completion hooks (metrics, access logs): called once per request as it ends.
+        self.on_complete: list[Callable[[Request], None]] = []
+        self._stopped = loop.create_future()
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    # -- config -------------------------------------------------------------
+
+    def apply(self, config: Any) -> None:
+        """Swap in a new config (already validated)."""
+        self.runtime = Runtime(config, self.runtime)
+
+    def downstream_settings(self, listener: str) -> dict[str, int]:
+        return self.runtime.listener_settings.get(listener, {})
+
+    # -- requests -------------------------------------------------------------
+
+    def complete(self, req: Request) -> None:
+        """A downstream stream ended: balancer feedback, then the hooks."""
+        subset = req.subset
+        if subset is not None:
+            up = req.up
+            if up is not None and up.t_response_ns:
+                subset.finish(req.index, up.t_response_ns - up.t_open_ns, up.t_response_ns)
+            else:
+                t = now_ns()
+                subset.finish(req.index, t - req.start_ns, t)
+        for hook in self.on_complete:
+            hook(req)
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def start(self) -> None:
+        for ls in self.runtime.config.listeners:
+            host, port = parse_address(ls.address)
+            server = await self.loop.create_server(
+                lambda name=ls.name: DownstreamProtocol(self, name),
+                host=host,
+                port=port,
+                reuse_port=True,
+                backlog=1024,
+                family=socket.AF_INET6 if ":" in host else socket.AF_INET,
+            )
+            self.servers.append(server)
+        self._sweeper = self.loop.call_later(1.0, self._sweep)
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        for p in list(self.upstreams):
+            p.check_idle(now)
+        self.outbox.flush()
+        self._sweeper = self.loop.call_later(1.0, self._sweep)
+
+    def bound_addresses(self) -> list[tuple[str, int]]:
+        out = []
+        for server in self.servers:
+            for sock in server.sockets:
+                out.append(sock.getsockname()[:2])
+        return out
+
+    def install_signals(self) -> None:
+        self.loop.add_signal_handler(signal.SIGTERM, self.drain)
+        self.loop.add_signal_handler(signal.SIGINT, self.drain)
+
+    def drain(self) -> None:
+        """Stop accepting, GOAWAY every downstream connection, finish in-flight streams, then stop."""
+        if self.draining:
+            return
+        self.draining = True
+        log.info("draining %d connections (deadline %.1fs)", len(self.downstreams), self.drain_timeout)
+        for server in self.servers:
+            server.close()
+        for p in list(self.downstreams):
+            events = p.conn.shutdown()
+            if events is not None:
+                p._events(events)
+        self.outbox.flush()
+        self.loop.create_task(self._finish_drain())
+
+    async def _finish_drain(self) -> None:
+        deadline = self.loop.time() + self.drain_timeout
+        while self.downstreams and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for p in list(self.downstreams):
+            p.conn.close(0, "drain deadline")
+            p._close()
+        for p in list(self.upstreams):
+            p.conn.shutdown()
+            p._close()
+        self.outbox.flush()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        await asyncio.sleep(0)
+        if not self._stopped.done():
+            self._stopped.set_result(None)
+
+    async def wait_stopped(self) -> None:
+        await self._stopped
+
+
+now_ns = h2.monotonic_ns
