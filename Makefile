@@ -1,15 +1,25 @@
-# make test: set everything up, then lint and run the whole suite (the codec
-# and balancer suites a second time on the pure-Python twins). make bench: run perf/.
-# Both create .venv and build the Cython extensions on first use.
+# make test: set everything up, then lint and run the whole suite (the codec,
+# balancer and connection suites a second time on the pure-Python twins).
+# make bench: run perf/. Both install the Debian packages the tests use, create
+# .venv and build the Cython extensions on first use.
 
 VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.meshproxy-installed
 BUILD_INPUTS := pyproject.toml setup.py $(wildcard meshproxy/_fast/*.pyx meshproxy/_fast/*.pxd)
 
-.PHONY: test lint bench install clean
+# Real peers: h2load/nghttpd/nghttpx, wrk, and the gRPC interop protos.
+DEBIAN_PACKAGES := nghttp2-client nghttp2-server nghttp2-proxy wrk grpc-proto
 
-install: $(STAMP)
+.PHONY: test lint bench install clean debs
+
+install: $(STAMP) debs
+
+debs:
+	@if ! command -v h2load >/dev/null || ! command -v nghttpd >/dev/null || ! command -v nghttpx >/dev/null \
+	    || ! command -v wrk >/dev/null || ! test -f /usr/share/grpc-proto/grpc/testing/test.proto; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEBIAN_PACKAGES); \
+	fi
 
 $(STAMP): $(BUILD_INPUTS)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -21,13 +31,14 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: lint
+test: lint debs
 	$(PY) -m pytest -q
 	MESHPROXY_NO_EXTENSIONS=1 $(PY) -m pytest -q -m "codec or lb" tests/codec tests/lb
 
-bench: $(STAMP)
+bench: $(STAMP) debs
 	$(PY) perf/bench_codec.py
 	$(PY) perf/bench_lb.py
+	$(PY) perf/bench_proxy.py
 
 clean:
 	rm -rf build $(VENV) *.egg-info meshproxy/_fast/*.c meshproxy/_fast/*.so meshproxy/_fast/*.html

@@ -116,10 +116,16 @@ def expire(req: Request) -> None:
     conn = down.conn
     if not down.sent_headers:
         respond_error(down, TIMEOUT)
-    elif down.is_grpc and not down.sent_end:
-        conn.reset_stream(down, 0x8)
     else:
-        conn.reset_stream(down, 0x8)
+        # The response has begun: all that is left is to end it (the client's
+        # own deadline, if it is gRPC, reports DEADLINE_EXCEEDED).
+        _deliver(conn, conn.reset_stream(down, 0x8))
+
+
+def _deliver(conn: h2.H2Connection, events: list | None) -> None:
+    # Events raised by our own calls (the EV_CLOSED of a stream we answered) go to the same handler.
+    if events is not None and conn.handler is not None:
+        conn.handler(events)
 
 
 def respond_error(stream: h2.Stream, err: tuple[str, int, int, str], detail: str = "") -> None:
@@ -132,9 +138,10 @@ def respond_error(stream: h2.Stream, err: tuple[str, int, int, str], detail: str
     headers = [(b"x-meshproxy-response-flags", flag.encode())]
     conn = stream.conn
     if stream.is_grpc:
-        conn.respond(stream, 200, headers, b"", grpc_status, message)
+        events = conn.respond(stream, 200, headers, b"", grpc_status, message)
     else:
-        conn.respond(stream, http_status, [(b"content-type", b"text/plain"), *headers], message.encode())
+        events = conn.respond(stream, http_status, [(b"content-type", b"text/plain"), *headers], message.encode())
+    _deliver(conn, events)
 
 
 class DownstreamProtocol(asyncio.Protocol):
@@ -156,6 +163,7 @@ class DownstreamProtocol(asyncio.Protocol):
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.conn.writer = transport.write
+        self.conn.handler = self._events
         self.conn.initiate()
         self.worker.downstreams.add(self)
         if self.worker.draining:
@@ -199,9 +207,10 @@ class DownstreamProtocol(asyncio.Protocol):
             req.flags = "DR"
             conn = s.conn
             if s.is_grpc and direct.grpc_status is not None:
-                conn.respond(s, 200, (), b"", direct.grpc_status, direct.grpc_message)
+                events = conn.respond(s, 200, (), b"", direct.grpc_status, direct.grpc_message)
             else:
-                conn.respond(s, direct.status, (), direct.body)
+                events = conn.respond(s, direct.status, (), direct.body)
+            _deliver(conn, events)
             return
         cluster_name, subset_name = route.pick()
         cluster = runtime.clusters.get(cluster_name)

@@ -265,6 +265,7 @@ class UpstreamProtocol(asyncio.Protocol):
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.conn.writer = transport.write
+        self.conn.handler = self._events
         self.conn.initiate()
         self.endpoint.conns.append(self)
         self.worker.upstreams.add(self)

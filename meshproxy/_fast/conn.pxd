@@ -11,6 +11,7 @@ cdef class H2Connection
 
 cdef class Outbox:
     cdef list _dirty
+    cdef list _evented
 
 
 cdef class Stream:
@@ -56,11 +57,16 @@ cdef class Stream:
     cdef bytearray held
     cdef bint held_end
     cdef list held_trailers
+    cdef bint reset_after_end        # RST_STREAM NO_ERROR once our END_STREAM is out (§8.1)
 
 
 cdef class H2Connection:
     cdef readonly bint client
-    cdef public object writer
+    cdef public object writer        # transport.write
+    cdef public object handler       # called by Outbox.flush with events raised outside receive()
+    cdef bint _evented
+    cdef bint _settings_acked
+    cdef uint32_t max_peer_stream
     cdef bytearray out
     cdef bint _dirty
     cdef Outbox outbox
@@ -132,6 +138,7 @@ cdef class H2Connection:
     cdef int _credit(self, Stream s, Py_ssize_t n) except -1
     cdef int _recv_end(self, Stream s) except -1
     cdef int _sent_end(self, Stream s) except -1
+    cdef int _ignore(self, uint32_t sid) except -1
     cdef int _stream_error_id(self, uint32_t sid, uint32_t code) except -1
     cdef int _rst(self, uint32_t sid, uint32_t code) except -1
     cdef int _stream_error(self, Stream s, uint32_t code) except -1
@@ -143,3 +150,5 @@ cdef class H2Connection:
                            bint self_dependent) except -1
     cdef int _on_block(self, uint32_t sid, bint end_stream, const uint8_t* p, Py_ssize_t n,
                        bint self_dependent) except -1
+    cdef int _respond(self, Stream s, int status, object headers, bytes body, object grpc_status,
+                      object grpc_message) except -1

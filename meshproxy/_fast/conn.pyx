@@ -93,7 +93,6 @@ cdef bytes SHUTDOWN_PING = b"meshdown"
 # Header names that are connection-specific in HTTP/1.1 and malformed in HTTP/2 (§8.2.2).
 cdef frozenset CONNECTION_HEADERS = frozenset(
     [b"connection", b"proxy-connection", b"keep-alive", b"transfer-encoding", b"upgrade"])
-cdef frozenset REQUEST_PSEUDO = frozenset([b":method", b":scheme", b":path", b":authority", b":protocol"])
 
 cdef tuple H_STATUS_200 = (b":status", b"200")
 cdef tuple H_GRPC_CT = (b"content-type", b"application/grpc")
@@ -158,11 +157,22 @@ cdef class Outbox:
 
     def __init__(self):
         self._dirty = []
+        self._evented = []
 
     def flush(self):
+        """Deliver pending events to each connection's ``handler``, then write what they produced."""
         cdef H2Connection c
         cdef bytearray buf
-        while self._dirty:
+        cdef list events
+        while self._dirty or self._evented:
+            while self._evented:
+                evented = self._evented
+                self._evented = []
+                for c in evented:
+                    c._evented = False
+                    events = c._take_events()
+                    if events is not None and c.handler is not None:
+                        c.handler(events)
             dirty = self._dirty
             self._dirty = []
             for c in dirty:
@@ -171,6 +181,16 @@ cdef class Outbox:
                     buf = c.out
                     c.out = bytearray()
                     c.writer(buf)
+
+
+cdef inline int _event(H2Connection c, tuple ev) except -1:
+    # Events of a connection other than the one being driven (a linked peer's
+    # close, say) are delivered by the outbox to that connection's handler.
+    c.events.append(ev)
+    if not c._evented and c.outbox is not None:
+        c._evented = True
+        c.outbox._evented.append(c)
+    return 0
 
 
 cdef inline void _mark(H2Connection c):
@@ -312,9 +332,7 @@ cdef str _check_fields(Stream s, list headers, int kind):
                 elif name == b":authority":
                     bit = 8
                     authority = value
-                elif name == b":protocol":
-                    bit = 16
-                else:
+                else:  # :protocol too: we do not offer extended CONNECT (RFC 8441)
                     return f"pseudo-header {name!r} in a request"
             else:
                 if name != b":status":
@@ -362,6 +380,8 @@ cdef str _check_fields(Stream s, list headers, int kind):
             if PyBytes_AS_STRING(path)[0] != 47 and not (path == b"*" and method == b"OPTIONS"):
                 if scheme in (b"http", b"https"):
                     return f"invalid :path {path!r}"
+        if host is not None and authority is not None and host != authority:
+            return "host header differs from :authority"
         s.method = method
         s.scheme = scheme
         s.path = path
@@ -393,6 +413,7 @@ cdef class H2Connection:
         self.client = client
         self.outbox = outbox
         self.writer = None
+        self.handler = None
         self.out = bytearray()
         self.inbuf = bytearray()
         self.preface_left = 0 if client else PREFACE_LEN
@@ -414,7 +435,8 @@ cdef class H2Connection:
             raise ValueError("connection_window must be in [65535, 2^31-1]")
         if not MIN_MAX_FRAME_SIZE <= self.local_max_frame_size <= MAX_FRAME_LENGTH:
             raise ValueError("max_frame_size must be in [16384, 16777215]")
-        self.decoder = Decoder(header_table_size, self.local_max_header_list)
+        # A table smaller than the default binds the peer only once it has ACKed our SETTINGS.
+        self.decoder = Decoder(max(header_table_size, 4096), self.local_max_header_list)
         self.encoder = Encoder()
         # Until the peer's SETTINGS say otherwise, assume the RFC's recommended
         # minimum of 100 (as nghttp2 does): opening more would get them refused.
@@ -557,6 +579,10 @@ cdef class H2Connection:
         _mark(self)
         return self._take_events()
 
+    def take_events(self):
+        """Events raised outside ``receive`` (by a linked peer, or our own calls), or None."""
+        return self._take_events()
+
     cdef list _take_events(self):
         cdef list ev
         if not self.events:
@@ -635,7 +661,7 @@ cdef class H2Connection:
     cdef bint _is_idle_id(self, uint32_t sid):
         if (sid & 1) == (1 if self.client else 0):  # our own ids
             return sid >= self.next_stream_id
-        return sid > self.last_peer_stream
+        return sid > self.max_peer_stream
 
     cdef int _on_data(self, uint8_t flags, uint32_t sid, const uint8_t* p, uint32_t length) except -1:
         cdef uint32_t pad = 0, n
@@ -674,6 +700,7 @@ cdef class H2Connection:
         s.data_recv += n
         if s.content_length >= 0 and (s.data_recv > s.content_length or
                                       (flags & F_END_STREAM and s.data_recv != s.content_length)):
+            self._credit_connection(n)
             self._stream_error(s, E_PROTOCOL_ERROR)
             return 0
         p += 1 if flags & F_PADDED else 0
@@ -689,7 +716,7 @@ cdef class H2Connection:
         elif self.hold_new:
             self._credit(s, n)  # proxy mode, no longer linked: the response is done, drop the rest
         else:
-            self.events.append((EV_DATA, s, PyBytes_FromStringAndSize(<const char*>p, n),
+            _event(self, (EV_DATA, s, PyBytes_FromStringAndSize(<const char*>p, n),
                                 bool(flags & F_END_STREAM)))
             self._credit(s, n)
         if flags & F_END_STREAM:
@@ -698,6 +725,7 @@ cdef class H2Connection:
 
     cdef int _on_headers(self, uint8_t flags, uint32_t sid, const uint8_t* p, uint32_t length) except -1:
         cdef uint32_t pad = 0, start = 0
+        cdef bint self_dependent = False
         if sid == 0:
             raise ProtocolError("HEADERS frame on stream 0")
         if flags & F_PADDED:
@@ -708,16 +736,12 @@ cdef class H2Connection:
         if flags & F_PRIORITY:
             if length - start < 5:
                 raise FrameSizeError("HEADERS frame too short for its priority fields")
-            if read_u32(p + start) & STREAM_MASK == sid:
-                # A self-dependency is a stream error, but the block must still be decoded.
-                start += 5
-                pad = 0xFFFFFFFF if pad + start > length else pad
-                self._header_block(sid, flags, p + start, length - start - (0 if pad == 0xFFFFFFFF else pad), True)
-                return 0
+            # A self-dependency is a stream error, but the block must still be decoded.
+            self_dependent = read_u32(p + start) & STREAM_MASK == sid
             start += 5
         if pad + start > length:
             raise ProtocolError("HEADERS padding exceeds the payload")
-        self._header_block(sid, flags, p + start, length - start - pad, False)
+        self._header_block(sid, flags, p + start, length - start - pad, self_dependent)
         return 0
 
     cdef int _header_block(self, uint32_t sid, uint8_t flags, const uint8_t* p, Py_ssize_t n,
@@ -770,10 +794,14 @@ cdef class H2Connection:
                 raise StreamClosedError(f"HEADERS on closed stream {sid}")
             if self.client:
                 raise ProtocolError(f"HEADERS on stream {sid}, which we did not open")
+            if not sid & 1:
+                raise ProtocolError(f"a client opened even-numbered stream {sid}")
             # a new request
-            self.last_peer_stream = sid
+            self.max_peer_stream = sid
             if self.goaway_sent and sid > self.goaway_sent_last:
-                return 0  # after our GOAWAY: ignored, never processed
+                self._ignore(sid)  # after our GOAWAY: never processed; its frames are ignored
+                return 0
+            self.last_peer_stream = sid
             s = _new_stream(self, sid)
             s.state = S_OPEN
             s.hold = self.hold_new
@@ -792,7 +820,7 @@ cdef class H2Connection:
                 return 0
             s.headers = headers
             s.recv_headers = True
-            self.events.append((EV_REQUEST, s))
+            _event(self, (EV_REQUEST, s))
             if end_stream:
                 if s.content_length > 0:
                     self._stream_error(s, E_PROTOCOL_ERROR)
@@ -822,7 +850,7 @@ cdef class H2Connection:
                 s.held_trailers = headers
                 s.held_end = True
             else:
-                self.events.append((EV_TRAILERS, s))
+                _event(self, (EV_TRAILERS, s))
             self._recv_end(s)
             return 0
         # response headers (client role)
@@ -845,7 +873,7 @@ cdef class H2Connection:
         if s.peer is not None:
             _send_headers(s.peer, headers, end_stream)
         else:
-            self.events.append((EV_RESPONSE, s))
+            _event(self, (EV_RESPONSE, s))
         if end_stream:
             if s.content_length > 0:
                 self._stream_error(s, E_PROTOCOL_ERROR)
@@ -891,6 +919,10 @@ cdef class H2Connection:
         if flags & F_ACK:
             if length:
                 raise FrameSizeError("SETTINGS ACK with a payload")
+            if not self._settings_acked:
+                self._settings_acked = True
+                if self._header_table_size < 4096:
+                    self.decoder.max_table_size = self._header_table_size
             return 0
         if length % 6:
             raise FrameSizeError(f"SETTINGS frame of length {length}, not a multiple of 6")
@@ -977,7 +1009,7 @@ cdef class H2Connection:
         self.goaway_received = True
         self.goaway_received_last = last
         self.goaway_received_code = read_u32(p + 4)
-        self.events.append((EV_GOAWAY, last, self.goaway_received_code,
+        _event(self, (EV_GOAWAY, last, self.goaway_received_code,
                             PyBytes_FromStringAndSize(<const char*>p + 8, length - 8)))
         # Our streams above ``last`` were never seen by the peer: safe to retry elsewhere.
         for s in list(self.streams.values()):
@@ -1109,11 +1141,16 @@ cdef class H2Connection:
         """An answer made by the proxy: gRPC as trailers-only, else status + body.
 
         A request still being received is then reset with NO_ERROR (§8.1),
-        and a linked upstream stream is cancelled.
+        and a linked upstream stream is cancelled. Returns the events raised.
         """
+        self._respond(s, status, headers, body, grpc_status, grpc_message)
+        return self._take_events()
+
+    cdef int _respond(self, Stream s, int status, object headers, bytes body, object grpc_status,
+                      object grpc_message) except -1:
         cdef list hs
         if s.state == S_CLOSED or s.sent_headers:
-            return self._take_events()
+            return 0
         if s.peer is not None:
             peer = s.peer
             _unlink(s)
@@ -1133,11 +1170,14 @@ cdef class H2Connection:
                 hs.append((b"content-length", b"%d" % len(body)))
             _send_headers(s, hs, not body)
             if body:
-                self.send_data(s, body, True)
+                _send_data(s, <const uint8_t*>PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body), True, None)
         if s.state != S_CLOSED and not s.recv_end:
-            self._stream_error(s, E_NO_ERROR)
+            if s.sent_end:
+                self._stream_error(s, E_NO_ERROR)
+            else:
+                s.reset_after_end = True  # the body waits for window: reset once it is out
         _mark(self)
-        return self._take_events()
+        return 0
 
     # -- internals ----------------------------------------------------------
 
@@ -1169,7 +1209,7 @@ cdef class H2Connection:
         self.terminated = True
         self.hb_stream = 0
         self._abort_streams(E_CANCEL if code == E_NO_ERROR else code)
-        self.events.append((EV_TERMINATED, code, message))
+        _event(self, (EV_TERMINATED, code, message))
         return 0
 
     cdef int _abort_streams(self, uint32_t code) except -1:
@@ -1216,8 +1256,16 @@ cdef class H2Connection:
         s.sent_end = True
         if s.state == S_OPEN:
             s.state = S_HALF_LOCAL
+            if s.reset_after_end:
+                self._stream_error(s, E_NO_ERROR)  # §8.1: the request body is not wanted
         elif s.state == S_HALF_REMOTE:
             self._close(s, False)
+        return 0
+
+    cdef int _ignore(self, uint32_t sid) except -1:
+        self._recent_resets[sid] = None
+        if len(self._recent_resets) > RECENT_RESETS:
+            del self._recent_resets[next(iter(self._recent_resets))]
         return 0
 
     cdef int _stream_error_id(self, uint32_t sid, uint32_t code) except -1:
@@ -1231,9 +1279,7 @@ cdef class H2Connection:
         cdef uint8_t* q = grow(self.out, HEADER_SIZE + 4)
         put_frame_header(q, 4, T_RST_STREAM, 0, sid)
         put_u32(q + HEADER_SIZE, code)
-        self._recent_resets[sid] = None
-        if len(self._recent_resets) > RECENT_RESETS:
-            del self._recent_resets[next(iter(self._recent_resets))]
+        self._ignore(sid)
         _mark(self)
         return 0
 
@@ -1251,8 +1297,13 @@ cdef class H2Connection:
         return 0
 
     cdef int _close(self, Stream s, bint abnormal) except -1:
-        """Take ``s`` out of the connection; on an abnormal end, tell its linked peer."""
-        cdef Stream peer
+        """Take ``s`` out of the connection; on an abnormal end, tell its linked peer.
+
+        Bytes nobody will now send or consume go back to the connection
+        window they were counted against, so a reset never shrinks a window
+        for good.
+        """
+        cdef Stream peer = s.peer
         if s.state == S_CLOSED:
             return 0
         s.state = S_CLOSED
@@ -1261,30 +1312,41 @@ cdef class H2Connection:
             self.open_local -= 1
         else:
             self.open_remote -= 1
-        # Whatever it received but nobody will consume goes back to the connection window.
-        if s.held is not None and PyByteArray_GET_SIZE(s.held):
-            self._credit_connection(PyByteArray_GET_SIZE(s.held))
+        if s.held is not None:
+            if PyByteArray_GET_SIZE(s.held):
+                self._credit_connection(PyByteArray_GET_SIZE(s.held))  # received here, never forwarded
             s.held = None
         if s.pending is not None:
-            if abnormal and PyByteArray_GET_SIZE(s.pending) and s.peer is not None:
-                s.peer.conn._credit_connection(PyByteArray_GET_SIZE(s.pending))
+            if abnormal and PyByteArray_GET_SIZE(s.pending) and peer is not None:
+                peer.conn._credit_connection(PyByteArray_GET_SIZE(s.pending))  # received by the peer
+                _mark(peer.conn)
             s.pending = None
-        peer = s.peer
         if peer is not None:
-            if abnormal:
+            if abnormal and self.client and peer.pending_end and not peer.sent_end and peer.state != S_CLOSED:
+                # An upstream that sent its whole response and then reset the
+                # stream (§8.1, to stop the request body): the response waits in
+                # the downstream stream for a slow client; let it drain, credit
+                # comes back as it leaves.
+                pass
+            elif abnormal:
+                if peer.pending is not None and PyByteArray_GET_SIZE(peer.pending):
+                    self._credit_connection(PyByteArray_GET_SIZE(peer.pending))  # received here
+                    peer.pending = None
+                    peer.pending_end = False
+                    peer.pending_trailers = None
                 _unlink(s)
                 if peer.state != S_CLOSED:
                     _peer_reset(peer, s)
             elif peer.state == S_CLOSED:
                 _unlink(s)  # both ends done: break the reference cycle
         if s.notify_close:
-            self.events.append((EV_CLOSED, s))
+            _event(self, (EV_CLOSED, s))
         self._check_idle()
         return 0
 
     cdef int _check_idle(self) except -1:
         if not self.streams and (self.goaway_sent or self.goaway_received) and not self._shutdown_ping:
-            self.events.append((EV_IDLE,))
+            _event(self, (EV_IDLE,))
         return 0
 
     cdef int _flush_stream(self, Stream s) except -1:
@@ -1395,15 +1457,15 @@ cdef int _peer_reset(Stream dst, Stream src) except -1:
         if not dst.recv_end and dst.sent_end:
             c._stream_error(dst, E_NO_ERROR)
     elif not dst.sent_headers and dst.is_grpc:
-        status = 1 if code == E_CANCEL and not src.closed_remote_reset else 14
+        status = _grpc_status_for_reset(code) if src.closed_remote_reset else 14
         reason = "upstream connection lost" if src.conn.terminated else \
             f"upstream reset the stream ({_code_name(code)})"
         dst.response_flags = "UR" if not src.conn.terminated else "UC"
-        c.respond(dst, 200, (), b"", status, reason)
+        c._respond(dst, 200, (), b"", status, reason)
     elif not dst.sent_headers:
         dst.response_flags = "UR" if not src.conn.terminated else "UC"
         reason = b"upstream connect error or disconnect/reset before headers"
-        c.respond(dst, 503, [(b"content-type", b"text/plain"), (b"x-meshproxy-response-flags",
+        c._respond(dst, 503, [(b"content-type", b"text/plain"), (b"x-meshproxy-response-flags",
                                                                 b"UC" if src.conn.terminated else b"UR")],
                   reason, None, None)
     else:
@@ -1414,6 +1476,18 @@ cdef int _peer_reset(Stream dst, Stream src) except -1:
     return 0
 
 
+cdef int _grpc_status_for_reset(int64_t code) noexcept:
+    # gRPC over HTTP/2: RST_STREAM codes as statuses. An upstream that refused
+    # or broke the stream is UNAVAILABLE to the client, as Envoy answers.
+    if code == E_CANCEL:
+        return 1    # CANCELLED
+    if code == E_ENHANCE_YOUR_CALM:
+        return 8    # RESOURCE_EXHAUSTED
+    if code == 0xC:
+        return 7    # INADEQUATE_SECURITY -> PERMISSION_DENIED
+    return 14       # UNAVAILABLE
+
+
 cdef str _code_name(int64_t code):
     try:
         return ErrorCode(code).name
@@ -1421,9 +1495,20 @@ cdef str _code_name(int64_t code):
         return f"0x{code:x}"
 
 
+cdef inline bint _informational(list headers):
+    cdef tuple h
+    if not headers:
+        return False
+    h = <tuple>headers[0]
+    return h[0] == b":status" and PyBytes_GET_SIZE(<bytes>h[1]) == 3 and PyBytes_AS_STRING(<bytes>h[1])[0] == 49
+
+
 cdef int _send_headers(Stream s, list headers, bint end_stream) except -1:
     cdef H2Connection c = s.conn
     if s.state == S_CLOSED or c.terminated:
+        return 0
+    if not c.client and _informational(headers):
+        _write_headers(s, headers, False)  # 1xx: the final response is still to come
         return 0
     s.sent_headers = True
     _write_headers(s, headers, end_stream)

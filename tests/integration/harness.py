@@ -1,0 +1,507 @@
+"""Real processes on loopback for the integration tests: free ports, readiness, the sidecar
+under test (or nghttpx standing in for it), its sockets, and the gRPC interop protos."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from types import SimpleNamespace
+
+#: Which proxy ``Sidecar`` runs: ``meshproxy`` (the default, the thing under test) or
+#: ``nghttpx``, a known-good stand-in for checking the tests themselves.
+PROXY_ENV = "MESHPROXY_TEST_PROXY"
+
+HOST = "127.0.0.1"
+
+#: Debian's grpc-proto; ``make test`` installs it.
+GRPC_PROTO_ROOT = Path("/usr/share/grpc-proto")
+INTEROP_PROTOS = ("empty", "messages", "test")
+GRPC_PROTO_AVAILABLE = all((GRPC_PROTO_ROOT / f"grpc/testing/{name}.proto").is_file() for name in INTEROP_PROTOS)
+GRPC_PROTO_MISSING = f"the gRPC interop protos are missing: {GRPC_PROTO_ROOT}/grpc/testing (apt-get install grpc-proto)"
+
+#: The interop protos are generated under this package, not ``grpc.testing``: that name is
+#: grpcio's own package. The proto package stays ``grpc.testing``, so the wire paths are
+#: the official ones (``/grpc.testing.TestService/UnaryCall``).
+INTEROP_PACKAGE = "grpc_interop"
+
+#: Channel options every test client uses: no HTTP CONNECT proxy from the environment,
+#: and no transparent retries that would hide a stream the proxy refused or reset.
+CLIENT_OPTIONS: tuple[tuple[str, int], ...] = (("grpc.enable_http_proxy", 0), ("grpc.enable_retries", 0))
+
+
+def free_port(host: str = HOST) -> int:
+    """A TCP port nobody listens on right now (the kernel's pick)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def wait_listening(host: str, port: int, timeout: float, alive: Callable[[], bool] | None = None) -> None:
+    """Return once ``host:port`` accepts a TCP connection; raise TimeoutError after ``timeout``
+    seconds, or RuntimeError as soon as ``alive()`` says the process meant to listen is gone."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if alive is not None and not alive():
+            raise RuntimeError(f"the process meant to listen on {host}:{port} exited")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            pass
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"nothing listening on {host}:{port} after {timeout:.1f}s")
+        time.sleep(0.02)
+
+
+def poll_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
+    """Evaluate ``predicate`` until it is true or ``timeout`` seconds pass; return its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+
+
+def _split(address: str | tuple[str, int]) -> tuple[str, int]:
+    if isinstance(address, tuple):
+        return address
+    host, _, port = address.rpartition(":")
+    return host, int(port)
+
+
+def _tail(path: Path, limit: int = 20_000) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return f"<cannot read {path}: {exc}>"
+    text = data[-limit:].decode("utf-8", "replace")
+    return text if len(data) <= limit else f"[... {len(data) - limit} bytes cut ...]\n{text}"
+
+
+class Process:
+    """A child process whose stdout and stderr go to a file (a pipe could fill and stall it)."""
+
+    def __init__(self, argv: Sequence[str], *, name: str, env: dict[str, str] | None = None) -> None:
+        self.argv = list(argv)
+        self.name = name
+        fd, log = tempfile.mkstemp(prefix=f"{name}-", suffix=".log")
+        self.log_path = Path(log)
+        with os.fdopen(fd, "wb") as out:
+            # A session of its own: a Ctrl-C meant for pytest does not reach it, and a
+            # forced kill takes its worker processes (nghttpx forks one) with it.
+            self.popen = subprocess.Popen(
+                self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env, start_new_session=True
+            )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def output(self) -> str:
+        return _tail(self.log_path)
+
+    def describe(self) -> str:
+        return f"{self.name} (pid {self.pid}): {' '.join(self.argv)}\n--- output ---\n{self.output()}"
+
+    def stop(self, sig: int, timeout: float) -> int | None:
+        """Send ``sig`` and wait up to ``timeout`` seconds; return the exit code, or None when
+        it had to be killed."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return None
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            try:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.popen.wait(10)
+
+    def remove_log(self) -> None:
+        self.log_path.unlink(missing_ok=True)
+
+
+class Sidecar:
+    """The sidecar under test as a context manager: started, ready when its listen port accepts
+    TCP, and on exit sent SIGTERM and required to drain and exit 0 within ``stop_timeout``.
+
+    ``Sidecar(upstream="127.0.0.1:50051")`` runs
+    ``python -m meshproxy run --listen ... --upstream ... --admin ... --metrics ...`` on free
+    ports; ``Sidecar(config_file=path, listen_port=p)`` runs ``python -m meshproxy run --config
+    path`` and waits for ``p`` (``upstream`` then only tells ``upstream_connections`` which
+    port to count). ``extra_args`` are appended to meshproxy's command line.
+
+    With ``MESHPROXY_TEST_PROXY=nghttpx`` nghttpx stands in (h2c in, h2c out, one worker); it
+    drains on SIGQUIT (SIGTERM is its immediate stop), and it knows neither ``config_file``
+    nor meshproxy's ``extra_args``.
+    """
+
+    def __init__(
+        self,
+        upstream: str | tuple[str, int] | None = None,
+        *,
+        config_file: str | os.PathLike[str] | None = None,
+        listen_port: int | None = None,
+        extra_args: Iterable[str] = (),
+        env: dict[str, str] | None = None,
+        proxy: str | None = None,
+        startup_timeout: float = 20.0,
+        stop_timeout: float = 5.0,
+    ) -> None:
+        if upstream is None and config_file is None:
+            raise ValueError("give upstream, or config_file (and upstream only to count its connections)")
+        if config_file is not None and listen_port is None:
+            raise ValueError("with config_file, listen_port must say where the config listens")
+        self.proxy = proxy or os.environ.get(PROXY_ENV) or "meshproxy"
+        if self.proxy not in ("meshproxy", "nghttpx"):
+            raise ValueError(f"{PROXY_ENV}={self.proxy!r}: expected meshproxy or nghttpx")
+        self.host = HOST
+        self.upstream = _split(upstream) if upstream is not None else None
+        self.config_file = Path(config_file) if config_file is not None else None
+        self.listen_port = listen_port or free_port()
+        self.admin_port = free_port()
+        self.metrics_port = free_port()
+        self.extra_args = list(extra_args)
+        self.env = env
+        self.startup_timeout = startup_timeout
+        self.stop_timeout = stop_timeout
+        self.process: Process | None = None
+        self.exit_code: int | None = None
+        self._final_output: str | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.listen_port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None, "sidecar not started"
+        return self.process.pid
+
+    def argv(self) -> list[str]:
+        if self.proxy == "nghttpx":
+            if self.config_file is not None:
+                import pytest
+
+                pytest.skip(f"config_file needs meshproxy, not the {PROXY_ENV}=nghttpx stand-in")
+            assert self.upstream is not None
+            uhost, uport = self.upstream
+            return [
+                "nghttpx",
+                f"--frontend={self.host},{self.listen_port};no-tls",
+                f"--backend={uhost},{uport};;proto=h2",
+                "--workers=1",
+                "--no-ocsp",
+                "--conf=/dev/null",
+            ]
+        argv = [sys.executable, "-m", "meshproxy", "run"]
+        if self.config_file is not None:
+            argv += ["--config", str(self.config_file)]
+        else:
+            assert self.upstream is not None
+            uhost, uport = self.upstream
+            argv += ["--listen", self.address, "--upstream", f"{uhost}:{uport}"]
+        argv += ["--admin", f"{self.host}:{self.admin_port}", "--metrics", f"{self.host}:{self.metrics_port}"]
+        return argv + self.extra_args
+
+    def start(self) -> Sidecar:
+        self.process = Process(self.argv(), name=self.proxy, env=self.env)
+        try:
+            wait_listening(self.host, self.listen_port, self.startup_timeout, alive=self.process.alive)
+        except (TimeoutError, RuntimeError) as exc:
+            self.process.kill()
+            message = f"{exc}\nexit code {self.process.popen.returncode}\n{self.process.describe()}"
+            self.process.remove_log()
+            raise AssertionError(message) from None
+        return self
+
+    def stop(self) -> None:
+        """Ask for a drain (SIGTERM; SIGQUIT for nghttpx) and require exit code 0 in time."""
+        if self.process is None or self.exit_code is not None:
+            return
+        sig = signal.SIGQUIT if self.proxy == "nghttpx" else signal.SIGTERM
+        try:
+            code = self.process.stop(sig, self.stop_timeout)
+            self.exit_code = -signal.SIGKILL if code is None else code
+            self._final_output = self.process.output()
+            if code is None:
+                raise AssertionError(
+                    f"{self.proxy} did not exit within {self.stop_timeout}s of {sig.name}\n{self.process.describe()}"
+                )
+            if code != 0:
+                raise AssertionError(f"{self.proxy} exited with {code} after {sig.name}\n{self.process.describe()}")
+        finally:
+            self.process.remove_log()
+
+    def output(self) -> str:
+        """What the sidecar printed so far (all of it, once stopped)."""
+        if self._final_output is not None:
+            return self._final_output
+        return self.process.output() if self.process is not None else ""
+
+    def __enter__(self) -> Sidecar:
+        return self.start()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is None:
+            self.stop()
+            return
+        # The body failed: stop anyway, and keep its error the one reported, with the
+        # sidecar's side of the story attached.
+        try:
+            self.stop()
+        except AssertionError as stop_error:
+            exc.add_note(str(stop_error))
+        else:
+            exc.add_note(f"{self.proxy} output:\n{self.output()}")
+
+    # -- the sidecar's sockets -------------------------------------------------
+
+    def connections(self) -> list[tuple[int, int]]:
+        """(local port, remote port) of every ESTABLISHED TCP socket the sidecar's processes hold."""
+        return established_tcp(process_tree(self.pid))
+
+    def downstream_connections(self) -> int:
+        """Established connections from clients to the listen port."""
+        return sum(1 for local, _ in self.connections() if local == self.listen_port)
+
+    def upstream_connections(self) -> int:
+        """Established connections from the sidecar to its upstream."""
+        if self.upstream is None:
+            raise ValueError("upstream unknown: pass it beside config_file to count its connections")
+        return sum(1 for _, remote in self.connections() if remote == self.upstream[1])
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (a proxy may fork workers)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, ()))
+    return tree
+
+
+_TCP_ESTABLISHED = "01"
+
+
+def established_tcp(pids: Iterable[int]) -> list[tuple[int, int]]:
+    """(local port, remote port) of the ESTABLISHED TCP sockets open in ``pids``: socket inodes from
+    /proc/PID/fd matched against /proc/PID/net/tcp{,6}."""
+    pids = list(pids)
+    inodes: set[str] = set()
+    for pid in pids:
+        fd_dir = Path(f"/proc/{pid}/fd")
+        try:
+            fds = list(fd_dir.iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    found: list[tuple[int, int]] = []
+    seen: set[str] = set()
+    for pid in pids[:1]:
+        for table in ("tcp", "tcp6"):
+            try:
+                lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+            except OSError:
+                continue
+            for line in lines:
+                fields = line.split()
+                local, remote, state, inode = fields[1], fields[2], fields[3], fields[9]
+                if state == _TCP_ESTABLISHED and inode in inodes and inode not in seen:
+                    seen.add(inode)
+                    found.append((int(local.rsplit(":", 1)[1], 16), int(remote.rsplit(":", 1)[1], 16)))
+    return found
+
+
+class RequestPipe:
+    """A request iterator for grpcio's sync streaming calls that the test feeds one message at a
+    time (ping-pong). Iteration gives up after ``timeout`` seconds without a message or a close;
+    each call's own, shorter deadline ends the call long before that."""
+
+    _CLOSED = object()
+
+    def __init__(self, timeout: float = 120.0) -> None:
+        self._queue: queue.Queue = queue.Queue()
+        self._timeout = timeout
+
+    def add(self, request) -> None:
+        self._queue.put(request)
+
+    def close(self) -> None:
+        """Half-close: the call sees the end of its requests."""
+        self._queue.put(self._CLOSED)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            item = self._queue.get(timeout=self._timeout)
+        except queue.Empty:
+            raise StopIteration from None
+        if item is self._CLOSED:
+            self._queue.put(self._CLOSED)  # stays closed for any further next()
+            raise StopIteration
+        return item
+
+    def __enter__(self) -> RequestPipe:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+class H2CaptureServer:
+    """A bare HTTP/2 (h2c) server that records every request's header fields and answers each
+    finished request with one empty gRPC message and ``grpc-status: 0``: for checking what
+    exactly reaches a server (grpc-timeout, te), which grpcio's server does not show."""
+
+    def __init__(self, host: str = HOST) -> None:
+        self.requests: queue.Queue[dict[str, str]] = queue.Queue()
+        self._listener = socket.create_server((host, 0))
+        self._listener.settimeout(0.2)
+        self.address = f"{host}:{self._listener.getsockname()[1]}"
+        self._closed = threading.Event()
+        self._threads = [threading.Thread(target=self._accept, name="h2-capture-accept", daemon=True)]
+        self._threads[0].start()
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            thread = threading.Thread(target=self._serve, args=(conn,), name="h2-capture-conn", daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        import h2.config
+        import h2.connection
+        import h2.events
+
+        h2conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
+        headers: dict[int, dict[str, str]] = {}
+        conn.settimeout(0.2)
+        with conn:
+            h2conn.initiate_connection()
+            conn.sendall(h2conn.data_to_send())
+            while not self._closed.is_set():
+                try:
+                    data = conn.recv(65536)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    return
+                if not data:
+                    return
+                for event in h2conn.receive_data(data):
+                    if isinstance(event, h2.events.RequestReceived):
+                        headers[event.stream_id] = dict(event.headers)
+                    elif isinstance(event, h2.events.DataReceived):
+                        h2conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                    elif isinstance(event, h2.events.StreamEnded):
+                        self.requests.put(headers.pop(event.stream_id))
+                        h2conn.send_headers(event.stream_id, [(":status", "200"), ("content-type", "application/grpc")])
+                        h2conn.send_data(event.stream_id, b"\0\0\0\0\0")
+                        h2conn.send_headers(event.stream_id, [("grpc-status", "0")], end_stream=True)
+                    elif isinstance(event, h2.events.ConnectionTerminated):
+                        return
+                conn.sendall(h2conn.data_to_send())
+
+    def close(self) -> None:
+        self._closed.set()
+        self._listener.close()
+        for thread in self._threads:
+            thread.join(5)
+
+    def __enter__(self) -> H2CaptureServer:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def grpc_timeout_seconds(value: str) -> float:
+    """The duration a ``grpc-timeout`` header field says (``1S``, ``999m``, ``100000u``...)."""
+    units = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+    if len(value) < 2 or not value[:-1].isdigit() or len(value) > 9 or value[-1] not in units:
+        raise ValueError(f"not a grpc-timeout value: {value!r}")
+    return int(value[:-1]) * units[value[-1]]
+
+
+# -- the interop protos ----------------------------------------------------------
+
+
+def generate_interop_pb2(out_dir: str | os.PathLike[str]) -> Path:
+    """Generate the grpc.testing messages and stubs with grpc_tools.protoc into ``out_dir`` (as
+    package ``grpc_interop``), put ``out_dir`` on sys.path, and return it."""
+    from grpc_tools import protoc
+
+    out = Path(out_dir)
+    src = out / "proto-src"
+    (src / INTEROP_PACKAGE).mkdir(parents=True, exist_ok=True)
+    for name in INTEROP_PROTOS:
+        text = (GRPC_PROTO_ROOT / f"grpc/testing/{name}.proto").read_text()
+        text = text.replace('import "grpc/testing/', f'import "{INTEROP_PACKAGE}/')
+        (src / INTEROP_PACKAGE / f"{name}.proto").write_text(text)
+    argv = ["protoc", f"-I{src}", f"--python_out={out}", f"--grpc_python_out={out}"]
+    argv += [f"{src}/{INTEROP_PACKAGE}/{name}.proto" for name in INTEROP_PROTOS]
+    if protoc.main(argv) != 0:
+        raise RuntimeError(f"grpc_tools.protoc failed: {' '.join(argv)}")
+    (out / INTEROP_PACKAGE / "__init__.py").touch()
+    if str(out) not in sys.path:
+        sys.path.insert(0, str(out))
+    return out
+
+
+def load_interop(out_dir: str | os.PathLike[str]) -> SimpleNamespace:
+    """The generated modules: ``empty_pb2``, ``messages_pb2``, ``test_pb2_grpc``."""
+    import importlib
+
+    if str(out_dir) not in sys.path:
+        sys.path.insert(0, str(out_dir))
+    return SimpleNamespace(
+        empty_pb2=importlib.import_module(f"{INTEROP_PACKAGE}.empty_pb2"),
+        messages_pb2=importlib.import_module(f"{INTEROP_PACKAGE}.messages_pb2"),
+        test_pb2_grpc=importlib.import_module(f"{INTEROP_PACKAGE}.test_pb2_grpc"),
+    )
