@@ -49,7 +49,7 @@ class Request:
     it when the downstream stream closes.
     """
 
-    __slots__ = ("deadline_ns", "down", "endpoint", "flags", "index", "route", "start_ns", "subset", "up")
+    __slots__ = ("deadline_ns", "done", "down", "endpoint", "flags", "index", "route", "start_ns", "subset", "up")
 
     def __init__(self, down: h2.Stream, route: Any, start_ns: int) -> None:
         self.down = down
@@ -61,6 +61,7 @@ class Request:
         self.index = -1
         self.flags = ""
         self.deadline_ns = 0
+        self.done = False
 
     @property
     def response_flags(self) -> str:
@@ -71,23 +72,38 @@ class Deadlines:
     """Request deadlines of one worker: a heap and one timer for the earliest.
 
     Only requests with a deadline (grpc-timeout or a route timeout) are here;
-    an entry whose request already ended is dropped when it surfaces.
+    an entry whose request already ended is dropped when it surfaces, and the
+    heap is compacted when such entries outnumber the live ones (long
+    deadlines on short requests would otherwise keep them for the deadline).
     """
 
-    __slots__ = ("_heap", "_seq", "_timer", "_timer_at", "worker")
+    __slots__ = ("_heap", "_live", "_seq", "_timer", "_timer_at", "worker")
 
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
         self._heap: list[tuple[int, int, Request]] = []
+        self._live = 0
         self._seq = 0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0
 
+    def __len__(self) -> int:
+        return self._live
+
     def add(self, deadline_ns: int, req: Request) -> None:
         self._seq += 1
+        self._live += 1
         heapq.heappush(self._heap, (deadline_ns, self._seq, req))
         if self._timer is None or deadline_ns < self._timer_at:
             self._arm(deadline_ns)
+
+    def done(self, req: Request) -> None:
+        """``req`` (which had a deadline) ended before it."""
+        self._live -= 1
+        heap = self._heap
+        if len(heap) > 1024 and len(heap) > 4 * self._live:
+            self._heap = [e for e in heap if not e[2].done]
+            heapq.heapify(self._heap)
 
     def _arm(self, at_ns: int) -> None:
         if self._timer is not None:
@@ -98,14 +114,14 @@ class Deadlines:
 
     def _fire(self) -> None:
         self._timer = None
-        heap = self._heap
         t = now_ns()
-        while heap and heap[0][0] <= t:
-            _, _, req = heapq.heappop(heap)
-            if req.down.state != "closed":
+        # self._heap, not a local: expiring a request completes it, which may compact the heap.
+        while self._heap and self._heap[0][0] <= t:
+            _, _, req = heapq.heappop(self._heap)
+            if not req.done:
                 expire(req)
-        if heap:
-            self._arm(heap[0][0])
+        if self._heap:
+            self._arm(self._heap[0][0])
         self.worker.outbox.flush()
 
 

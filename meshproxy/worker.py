@@ -15,6 +15,7 @@ connections across them, as Envoy's workers do.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import socket
@@ -110,6 +111,9 @@ class Worker:
 
     def complete(self, req: Request) -> None:
         """A downstream stream ended: balancer feedback, then the hooks."""
+        req.done = True
+        if req.deadline_ns:
+            self.deadlines.done(req)
         subset = req.subset
         if subset is not None:
             up = req.up
@@ -124,6 +128,13 @@ class Worker:
     # -- lifecycle ------------------------------------------------------------
 
     async def start(self) -> None:
+        # Requests make short-lived objects without cycles (the core breaks
+        # the stream links when streams end), so the cyclic collector mostly
+        # rescans the same long-lived objects: freeze what exists now and
+        # collect rarely. It cost ~2% of a loaded worker's CPU at the defaults.
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(50_000, 50, 100)
         for ls in self.runtime.config.listeners:
             host, port = parse_address(ls.address)
             server = await self.loop.create_server(
