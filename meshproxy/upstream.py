@@ -257,6 +257,7 @@ class UpstreamProtocol(asyncio.Protocol):
         self.endpoint = endpoint
         self.transport: asyncio.Transport | None = None
         self.conn = h2.H2Connection(True, worker.outbox, worker.upstream_settings, hold=True)
+        self.conn.stream_limit = endpoint.cluster.max_concurrent_streams
         self.idle_since = 0.0
 
     def connection_made(self, transport: Any) -> None:

@@ -109,6 +109,7 @@ cdef class H2Connection:
     cdef readonly bint terminated
     cdef readonly bint write_paused
     cdef readonly bint hold_new
+    cdef public uint32_t stream_limit  # our own cap on streams we open (a pool's per-connection limit)
     cdef readonly bint generate_request_id
     cdef readonly uint64_t streams_total
     cdef readonly uint64_t protocol_errors

@@ -90,6 +90,7 @@ class H2Connection:
     terminated: bool
     write_paused: bool
     hold_new: bool
+    stream_limit: int
     generate_request_id: bool
     streams_total: int
     protocol_errors: int

@@ -458,6 +458,7 @@ cdef class H2Connection:
         self.next_stream_id = 1
         self.hb_buf = bytearray()
         self.hold_new = hold
+        self.stream_limit = 0xFFFFFFFF
         self.generate_request_id = generate_request_id
         self._rid_state = int.from_bytes(os.urandom(8), "little")
         self._header_table_size = header_table_size
@@ -472,7 +473,8 @@ cdef class H2Connection:
     def can_open(self):
         """Whether a new stream may be opened now (client role)."""
         return (not self.goaway_received and not self.goaway_sent and not self.terminated
-                and self.open_local < self.remote_max_concurrent and self.next_stream_id <= LAST_CLIENT_ID)
+                and self.open_local < self.remote_max_concurrent and self.open_local < self.stream_limit
+                and self.next_stream_id <= LAST_CLIENT_ID)
 
     @property
     def pending_output(self):
