@@ -32,6 +32,7 @@ EV_REQUEST = h2.EV_REQUEST
 EV_CLOSED = h2.EV_CLOSED
 EV_IDLE = h2.EV_IDLE
 EV_TERMINATED = h2.EV_TERMINATED
+EV_RETRY = h2.EV_RETRY
 now_ns = h2.monotonic_ns
 
 # (response flag, grpc status, http status, message) for the errors the proxy answers itself.
@@ -49,7 +50,19 @@ class Request:
     it when the downstream stream closes.
     """
 
-    __slots__ = ("deadline_ns", "done", "down", "endpoint", "flags", "index", "route", "start_ns", "subset", "up")
+    __slots__ = (
+        "deadline_ns",
+        "done",
+        "down",
+        "endpoint",
+        "flags",
+        "hash_header",
+        "index",
+        "route",
+        "start_ns",
+        "subset",
+        "up",
+    )
 
     def __init__(self, down: h2.Stream, route: Any, start_ns: int) -> None:
         self.down = down
@@ -62,6 +75,7 @@ class Request:
         self.flags = ""
         self.deadline_ns = 0
         self.done = False
+        self.hash_header: bytes | None = None
 
     @property
     def response_flags(self) -> str:
@@ -203,6 +217,8 @@ class DownstreamProtocol(asyncio.Protocol):
                 if req is not None:
                     ev[1].user = None
                     worker.complete(req)
+            elif kind == EV_RETRY:
+                self._redispatch(ev[1])
             elif kind == EV_IDLE or kind == EV_TERMINATED:
                 worker.loop.call_soon(self._close)
 
@@ -234,14 +250,8 @@ class DownstreamProtocol(asyncio.Protocol):
         if subset is None:
             respond_error(s, NO_CLUSTER, f"{cluster_name}/{subset_name}" if subset_name else cluster_name)
             return
-        i = subset.pick(s, route.hash_header or cluster.hash_header)
-        if i < 0:
-            respond_error(s, NO_HEALTHY, cluster_name)
-            return
-        ep = subset.endpoints[i]
         req.subset = subset
-        req.index = i
-        req.endpoint = ep
+        req.hash_header = route.hash_header or cluster.hash_header
         # The deadline: the smaller of grpc-timeout and the route timeout.
         timeout_ns = s.grpc_timeout_ns
         route_timeout = route.timeout_s
@@ -252,15 +262,41 @@ class DownstreamProtocol(asyncio.Protocol):
         if timeout_ns >= 0:
             req.deadline_ns = req.start_ns + timeout_ns
             worker.deadlines.add(req.deadline_ns, req)
+        self._dispatch(req)
+
+    def _dispatch(self, req: Request) -> None:
+        """Pick an endpoint of the request's subset and send the request there."""
+        s = req.down
+        subset = req.subset
+        i = subset.pick(s, req.hash_header)
+        if i < 0:
+            respond_error(s, NO_HEALTHY, subset.cluster_name)
+            return
+        ep = subset.endpoints[i]
+        req.index = i
+        req.endpoint = ep
         for p in ep.conns:
             c = p.conn
             if c.can_open:
-                if timeout_ns >= 0:
+                if req.deadline_ns:
                     self._forward(req, c)
                 else:
+                    route = req.route
                     req.up = c.open_forward(s, route.authority_rewrite, route.rewrite_path(s.path), -1)
                 return
-        ep.wait(worker, lambda conn, failure: self._connected(req, conn, failure))
+        ep.wait(self.worker, lambda conn, failure: self._connected(req, conn, failure))
+
+    def _redispatch(self, s: h2.Stream) -> None:
+        # The upstream never processed the request (REFUSED_STREAM, or above its
+        # GOAWAY's last stream id): the core kept its body; send it again.
+        req = s.user
+        if req is None or req.done:
+            return
+        t = now_ns()
+        req.subset.finish(req.index, t - req.start_ns, t)
+        req.index = -1
+        req.up = None
+        self._dispatch(req)
 
     def _connected(self, req: Request, c: h2.H2Connection | None, failure: tuple | None) -> None:
         s = req.down

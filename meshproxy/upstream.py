@@ -87,9 +87,13 @@ class Endpoint:
                 return c
         return None
 
+    def _unsettled(self) -> int:
+        # Connections made but without the peer's SETTINGS yet: they will take streams soon.
+        return self.connecting + sum(1 for p in self.conns if not p.conn.settled)
+
     def wait(self, worker: Worker, callback: Callable[[h2.H2Connection | None, tuple | None], None]) -> None:
         """Call ``callback(conn, None)`` once a connection can take a stream, or ``(None, failure)``."""
-        if self.connecting == 0:
+        if self._unsettled() == 0:
             limit = self.cluster.max_connections
             if limit and len(self.conns) >= limit:
                 if not self.conns:
@@ -126,7 +130,7 @@ class Endpoint:
         waiters = self.waiters
         while waiters and c.can_open:
             waiters.popleft()(c, None)
-        if waiters and self.connecting == 0 and not c.goaway_received:
+        if waiters and self._unsettled() == 0:
             limit = self.cluster.max_connections
             if not limit or len(self.conns) < limit:
                 self.connecting += 1
@@ -140,9 +144,12 @@ class Endpoint:
 class Subset:
     """Endpoints selected by labels, with their balancer."""
 
-    __slots__ = ("endpoints", "lb", "name", "policy")
+    __slots__ = ("cluster_name", "endpoints", "lb", "name", "policy")
 
-    def __init__(self, name: str, endpoints: list[Endpoint], policy: int, hash_header: bytes | None) -> None:
+    def __init__(
+        self, cluster_name: str, name: str, endpoints: list[Endpoint], policy: int, hash_header: bytes | None
+    ) -> None:
+        self.cluster_name = cluster_name
         self.name = name
         self.endpoints = endpoints
         self.policy = policy
@@ -230,11 +237,11 @@ class Cluster:
             else:
                 self.endpoints.append(Endpoint(self, e.address, e.weight, dict(e.labels)))
         policy = int(msg.lb_policy)
-        self.subsets: dict[str, Subset] = {"": Subset("", self.endpoints, policy, self.hash_header)}
+        self.subsets: dict[str, Subset] = {"": Subset(self.name, "", self.endpoints, policy, self.hash_header)}
         for sub in msg.subsets:
             want = dict(sub.labels)
             members = [ep for ep in self.endpoints if all(ep.labels.get(k) == v for k, v in want.items())]
-            self.subsets[sub.name] = Subset(sub.name, members, policy, self.hash_header)
+            self.subsets[sub.name] = Subset(self.name, sub.name, members, policy, self.hash_header)
 
     def __repr__(self) -> str:
         return f"<Cluster {self.name} endpoints={len(self.endpoints)} subsets={sorted(self.subsets)}>"
@@ -307,6 +314,12 @@ class UpstreamProtocol(asyncio.Protocol):
         except ValueError:
             pass
         self.worker.upstreams.discard(self)
+        ep = self.endpoint
+        if ep.waiters and not ep.conns and not ep.connecting:
+            # It went away before it could take them: those requests never reached an upstream.
+            waiters, ep.waiters = ep.waiters, deque()
+            for cb in waiters:
+                cb(None, CONNECT_FAILURE)
         self.worker.outbox.flush()
 
     def check_idle(self, now: float) -> None:

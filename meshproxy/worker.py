@@ -115,7 +115,7 @@ class Worker:
         if req.deadline_ns:
             self.deadlines.done(req)
         subset = req.subset
-        if subset is not None:
+        if subset is not None and req.index >= 0:
             up = req.up
             if up is not None and up.t_response_ns:
                 subset.finish(req.index, up.t_response_ns - up.t_open_ns, up.t_response_ns)

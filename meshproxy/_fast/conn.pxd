@@ -58,6 +58,10 @@ cdef class Stream:
     cdef bint held_end
     cdef list held_trailers
     cdef bint reset_after_end        # RST_STREAM NO_ERROR once our END_STREAM is out (§8.1)
+    cdef bytearray replay            # the request body forwarded so far, while it may be sent again
+    cdef bint replay_ok
+    cdef bint resend                 # replay is to be sent again when the stream is linked
+    cdef readonly int attempts       # times the request was sent again (REFUSED_STREAM, GOAWAY)
 
 
 cdef class H2Connection:
@@ -153,3 +157,4 @@ cdef class H2Connection:
                        bint self_dependent) except -1
     cdef int _respond(self, Stream s, int status, object headers, bytes body, object grpc_status,
                       object grpc_message) except -1
+    cdef bint _may_open(self)

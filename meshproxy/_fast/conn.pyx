@@ -46,7 +46,8 @@ from meshproxy.errors import (
 )
 
 __all__ = [
-    "EV_CLOSED", "EV_DATA", "EV_GOAWAY", "EV_IDLE", "EV_REQUEST", "EV_RESPONSE", "EV_TERMINATED", "EV_TRAILERS",
+    "EV_CLOSED", "EV_DATA", "EV_GOAWAY", "EV_IDLE", "EV_REQUEST", "EV_RESPONSE", "EV_RETRY", "EV_TERMINATED",
+    "EV_TRAILERS",
     "H2Connection", "Outbox", "Stream", "link", "monotonic_ns",
 ]
 
@@ -59,6 +60,7 @@ EV_CLOSED = 5      # (EV_CLOSED, stream): a stream with notify_close ended (clea
 EV_GOAWAY = 6      # (EV_GOAWAY, last_stream_id, error_code, debug): the peer is going away
 EV_IDLE = 7        # (EV_IDLE,): no streams left on a connection that is going away: close it
 EV_TERMINATED = 8  # (EV_TERMINATED, error_code, message): connection error; GOAWAY is queued: flush, close
+EV_RETRY = 9       # (EV_RETRY, stream): the upstream never processed this request; send it again elsewhere
 
 cdef enum:
     S_IDLE = 0
@@ -74,6 +76,8 @@ cdef enum:
     RECENT_RESETS = 256           # ids of streams we reset, whose late frames we ignore
     MAX_CONTINUATIONS = 64        # CONTINUATION frames per header block (the 2024 flood)
     LAST_CLIENT_ID = 0x7FFFFFFF - 2 * 1000   # leave room: a pool opens another connection first
+    REPLAY_LIMIT = 65536          # request body kept to resend a request the upstream never processed
+    MAX_REDISPATCH = 3            # times one request is sent again after REFUSED_STREAM / GOAWAY
 
     E_NO_ERROR = 0x0
     E_PROTOCOL_ERROR = 0x1
@@ -471,10 +475,23 @@ cdef class H2Connection:
 
     @property
     def can_open(self):
-        """Whether a new stream may be opened now (client role)."""
+        """Whether a pool should open a new stream here now (client role).
+
+        Not before the peer's SETTINGS: until then its stream limit is unknown,
+        and streams above it would be refused. ``open_stream`` itself may be
+        called earlier (HTTP/2 allows it), assuming a limit of 100.
+        """
+        return self.got_remote_settings and self._may_open()
+
+    cdef bint _may_open(self):
         return (not self.goaway_received and not self.goaway_sent and not self.terminated
                 and self.open_local < self.remote_max_concurrent and self.open_local < self.stream_limit
                 and self.next_stream_id <= LAST_CLIENT_ID)
+
+    @property
+    def settled(self):
+        """Whether the peer's first SETTINGS arrived (a client opens streams only then)."""
+        return self.got_remote_settings
 
     @property
     def pending_output(self):
@@ -816,6 +833,7 @@ cdef class H2Connection:
             s = _new_stream(self, sid)
             s.state = S_OPEN
             s.hold = self.hold_new
+            s.replay_ok = self.hold_new
             s.notify_close = not self.hold_new
             self.open_remote += 1
             if too_large or self_dependent:
@@ -855,6 +873,8 @@ cdef class H2Connection:
                 self._stream_error(s, E_PROTOCOL_ERROR)
                 return 0
             s.trailers = headers
+            s.replay_ok = False
+            s.replay = None
             if s.peer is not None:
                 _send_trailers(s.peer, headers)
             elif s.hold:
@@ -879,6 +899,9 @@ cdef class H2Connection:
         s.recv_headers = True
         s.headers = headers
         s.t_response_ns = _now()
+        if s.peer is not None:
+            s.peer.replay_ok = False  # the upstream processed it: never sent again
+            s.peer.replay = None
         if s.head or s.status == 304 or s.status == 204:
             s.content_length = -1
         if s.peer is not None:
@@ -1038,7 +1061,7 @@ cdef class H2Connection:
         """Open a client stream with ``headers``; returns the Stream."""
         if not self.client:
             raise ValueError("only the client role opens streams")
-        if not self.can_open:
+        if not self._may_open():
             raise ValueError("no new stream can be opened on this connection")
         cdef Stream s = _new_stream(self, self.next_stream_id)
         self.next_stream_id += 2
@@ -1063,8 +1086,9 @@ cdef class H2Connection:
         cdef list out = []
         cdef tuple h
         cdef bytes name
-        cdef bint end = src.held_end and src.held_trailers is None and not src.held_bytes
-        if not self.can_open:
+        cdef bint end = (src.held_end and src.held_trailers is None and not src.held_bytes
+                         and not (src.resend and src.replay is not None and PyByteArray_GET_SIZE(src.replay)))
+        if not self._may_open():
             raise ValueError("no new stream can be opened on this connection")
         for item in src.headers:
             h = <tuple>item
@@ -1327,6 +1351,25 @@ cdef class H2Connection:
             if PyByteArray_GET_SIZE(s.held):
                 self._credit_connection(PyByteArray_GET_SIZE(s.held))  # received here, never forwarded
             s.held = None
+        if (abnormal and self.client and s.unprocessed and peer is not None and peer.replay_ok
+                and not peer.sent_headers and peer.state != S_CLOSED and peer.attempts < MAX_REDISPATCH):
+            # The upstream never saw this request (REFUSED_STREAM, or above its
+            # GOAWAY's last stream id): hand it back to be sent elsewhere.
+            if s.pending is not None and PyByteArray_GET_SIZE(s.pending):
+                peer.conn._credit(peer, PyByteArray_GET_SIZE(s.pending))  # sent again from the replay copy
+                _mark(peer.conn)
+            s.pending = None
+            _unlink(s)
+            peer.attempts += 1
+            peer.hold = True
+            peer.resend = True
+            if peer.recv_end and peer.trailers is None:
+                peer.held_end = True
+            _event(peer.conn, (EV_RETRY, peer))
+            if s.notify_close:
+                _event(self, (EV_CLOSED, s))
+            self._check_idle()
+            return 0
         if s.pending is not None:
             if abnormal and PyByteArray_GET_SIZE(s.pending) and peer is not None:
                 peer.conn._credit_connection(PyByteArray_GET_SIZE(s.pending))  # received by the peer
@@ -1433,10 +1476,22 @@ def link(Stream a, Stream b):
 cdef int _release_held(Stream s) except -1:
     """Forward what ``s`` received before it was linked."""
     cdef bytearray held = s.held
+    cdef bytearray again
     cdef Stream dst = s.peer
+    cdef bint more
     s.hold = False
     if dst is None:
         return 0
+    if s.resend:
+        # Sent once already (and credited then): sent again without crediting anyone.
+        s.resend = False
+        again = s.replay
+        if again is not None and PyByteArray_GET_SIZE(again):
+            more = (held is not None and PyByteArray_GET_SIZE(held) > 0) or s.held_trailers is not None
+            _send_data(dst, <const uint8_t*>PyByteArray_AS_STRING(again), PyByteArray_GET_SIZE(again),
+                       s.held_end and not more, None)
+            if s.replay_ok:
+                s.replay = bytearray(again)
     if held is not None:
         s.held = None
         if PyByteArray_GET_SIZE(held):
@@ -1613,6 +1668,16 @@ cdef int _send_data(Stream dst, const uint8_t* p, Py_ssize_t n, bint end, Stream
         if src is not None:
             src.conn._credit(src, n)
         return 0
+    if src is not None and src.replay_ok and n:
+        # A request body is kept (up to REPLAY_LIMIT) until the upstream answers,
+        # so a request it never processed can be sent again elsewhere.
+        if src.replay is None:
+            src.replay = bytearray()
+        if PyByteArray_GET_SIZE(src.replay) + n > REPLAY_LIMIT:
+            src.replay_ok = False
+            src.replay = None
+        else:
+            src.replay += p[:n]
     if (dst.pending is None or not PyByteArray_GET_SIZE(dst.pending)) and not dst.pending_end:
         sent = _write_data(dst, p, n, end)
         if sent == n and (dst.sent_end or not end):

@@ -22,6 +22,7 @@ from tests.conn.peers import (
     REFUSED_STREAM,
     REQUEST,
     RESPONSE,
+    Pair,
     Proxy,
     events_of,
     of,
@@ -428,7 +429,7 @@ def test_upstream_reset_before_headers_http_gets_503_ur():
     p = Proxy()
     sid, down = p.request(REQUEST)
     up = p.forward(down)
-    p.server.reset_stream(up.id, REFUSED_STREAM)
+    p.server.reset_stream(up.id, INTERNAL_ERROR)
     p.pump()
     headers = client_response(p, sid)
     assert headers[0] == (b":status", b"503")
@@ -511,13 +512,46 @@ def test_upstream_connection_lost_http_gets_503_uc():
     assert client_reset(p, sid3) is not None, "a response already started can only be reset"
 
 
-def test_upstream_goaway_refuses_linked_streams():
+@pytest.mark.parametrize("how", ["goaway", "refused"])
+def test_unprocessed_request_is_handed_back_and_sent_again_whole(how):
+    # GOAWAY above the stream, or REFUSED_STREAM: the upstream never processed the request (RFC 9113
+    # §8.7), so the core hands it back (EV_RETRY) with its body kept, and it goes out again elsewhere.
     p = Proxy()
-    sid, down = p.request(GRPC, body=b"\0\0\0\0\0")
+    body = b"\0\0\0\0\x05hello"
+    sid, down = p.request(GRPC, body=body)
     up = p.forward(down)
-    p.server.close_connection(error_code=NO_ERROR, last_stream_id=0)
+    assert p.up.received(up.id) == body
+    if how == "goaway":
+        p.server.close_connection(error_code=NO_ERROR, last_stream_id=0)
+    else:
+        p.server.reset_stream(up.id, REFUSED_STREAM)
     p.pump()
     assert up.unprocessed and up.state == "closed"
+    assert (C.EV_RETRY, down) in (p.down.conn.take_events() or [])
+    assert down.attempts == 1 and down.state != "closed"
+    assert not p.client_events(h2.events.ResponseReceived, sid), "the client sees nothing of the first try"
+    p.up = Pair(True, hold=True)  # another upstream connection
+    p.up.pump()
+    again = p.forward(down)
+    assert p.up.received(again.id) == body, "the whole body, once"
+    assert dict(p.server_request().headers)[b":path"] == dict(GRPC)[b":path"]
+    respond_upstream(
+        p, again, [(b":status", b"200"), (b"content-type", b"application/grpc")], b"", [(b"grpc-status", b"0")]
+    )
+    assert dict(client_response(p, sid))[b":status"] == b"200"
+
+
+def test_unprocessed_request_with_a_body_over_the_replay_limit_gets_unavailable():
+    p = Proxy(down_settings={"initial_window_size": 1 << 20}, up_settings={"initial_window_size": 1 << 20})
+    sid, down = p.request(GRPC, end=False)
+    p.forward(down)
+    body = b"x" * (65536 + 1)
+    for i in range(0, len(body), 16384):
+        p.client.send_data(sid, body[i : i + 16384], end_stream=i + 16384 >= len(body))
+        p.pump()
+    p.server.close_connection(error_code=NO_ERROR, last_stream_id=0)
+    p.pump()
+    assert down.attempts == 0
     assert dict(client_response(p, sid))[b"grpc-status"] == b"14"
 
 
