@@ -2,7 +2,8 @@
 
 ``--config FILE`` takes the YAML (or JSON) form of ``meshproxy.v1.SidecarConfig``;
 ``--listen ADDR --upstream ADDR`` is the one-cluster, route-everything
-shortcut. ``--concurrency N`` forks N workers sharing the listeners with
+shortcut. SIGHUP reads ``--config`` again and swaps it in (listeners stay as
+they were); a bad file is refused with its reason, the config in force stays. ``--concurrency N`` forks N workers sharing the listeners with
 SO_REUSEPORT. SIGTERM drains: GOAWAY, in-flight streams finish up to
 ``--drain-timeout``, exit 0. Bad flags or config: one line on stderr, exit 2.
 """
@@ -129,10 +130,25 @@ def _run_worker(cfg: Any, args: argparse.Namespace) -> int:
         print(f"meshproxy: error: cannot listen: {e.strerror or e}", file=sys.stderr)
         return 1
     worker.install_signals()
+    if args.config:
+        loop.add_signal_handler(signal.SIGHUP, _reload, worker, args.config)
     log.info("listening on %s", ", ".join(f"{h}:{p}" for h, p in worker.bound_addresses()))
     loop.run_until_complete(worker.wait_stopped())
     loop.close()
     return 0
+
+
+def _reload(worker: Any, path: str) -> None:
+    """SIGHUP: read ``--config`` again; a bad file is refused with its reason and the config in force stays."""
+    from meshproxy import config
+
+    try:
+        cfg = config.load_file(path)
+        worker.apply(cfg)
+    except config.ConfigError as e:
+        log.error("config reload refused, keeping version %r: %s", worker.runtime.version, e)
+        return
+    log.warning("config version %r in force", cfg.version)
 
 
 def _supervise(cfg: Any, args: argparse.Namespace) -> int:
@@ -157,8 +173,16 @@ def _supervise(cfg: Any, args: argparse.Namespace) -> int:
             except ProcessLookupError:
                 pass
 
+    def forward_hup(signum: int, _frame: Any) -> None:
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGHUP)
+            except ProcessLookupError:
+                pass
+
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, forward_hup)
     status = 0
     for pid in children:
         while True:

@@ -101,7 +101,13 @@ class Worker:
     # -- config -------------------------------------------------------------
 
     def apply(self, config: Any) -> None:
-        """Swap in a new config (already validated)."""
+        """Swap in a new config (validated): routes and clusters change for new requests at once.
+
+        Endpoints still present keep their connections; requests in flight
+        finish on the config they were routed with. Listeners are not
+        re-bound: a change of listener addresses needs a restart. Raises
+        ConfigError (and changes nothing) if the routes cannot be compiled.
+        """
         self.runtime = Runtime(config, self.runtime)
 
     def downstream_settings(self, listener: str) -> dict[str, int]:

@@ -1240,3 +1240,33 @@ def test_cluster_max_concurrent_streams_per_connection(tmp_path: Path, request: 
         assert upstream.served == 20
         assert upstream.max_open <= 2, upstream.max_open
         assert upstream.connections >= 2
+
+
+# == 10. config reload =====================================================================
+
+
+def _who(address: str) -> str:
+    response = h2_request(address, "/who", authority="reviews")
+    assert response.status == 200, response
+    return bytes(response.body).decode()
+
+
+def test_sighup_swaps_the_config_and_refuses_a_bad_one(
+    tmp_path: Path, request: pytest.FixtureRequest, versioned_nghttpds: dict
+):
+    """SIGHUP re-reads --config: a valid file takes effect for new requests; an invalid one is
+    refused (one log line with the reason) and the config in force keeps serving."""
+    v1, v2 = versioned_nghttpds["v1"], versioned_nghttpds["v2"]
+    with configured_sidecar(
+        tmp_path, [vhost("all", ["*"], to("reviews"))], [cluster("reviews", v1)], request=request
+    ) as sidecar:
+        assert _who(sidecar.address) == "v1"
+        port = sidecar.listen_port
+        path = write_config(tmp_path, port, [vhost("all", ["*"], to("reviews"))], [cluster("reviews", v2)])
+        os.kill(sidecar.pid, signal.SIGHUP)
+        assert harness.poll_until(lambda: _who(sidecar.address) == "v2", timeout=10), "the new config in force"
+        good = path.read_text()
+        path.write_text(good.replace('"reviews"', '"nowhere"', 1))  # a route to an unknown cluster
+        os.kill(sidecar.pid, signal.SIGHUP)
+        assert harness.poll_until(lambda: "config reload refused" in sidecar.output(), timeout=10), sidecar.output()
+        assert _who(sidecar.address) == "v2", "the last good config stays in force"
