@@ -3,9 +3,10 @@
 ``--config FILE`` takes the YAML (or JSON) form of ``meshproxy.v1.SidecarConfig``;
 ``--listen ADDR --upstream ADDR`` is the one-cluster, route-everything
 shortcut. SIGHUP reads ``--config`` again and swaps it in (listeners stay as
-they were); a bad file is refused with its reason, the config in force stays. ``--concurrency N`` forks N workers sharing the listeners with
-SO_REUSEPORT. SIGTERM drains: GOAWAY, in-flight streams finish up to
-``--drain-timeout``, exit 0. Bad flags or config: one line on stderr, exit 2.
+they were); a bad file is refused with its reason, the config in force stays.
+``--concurrency N`` forks N workers sharing the listeners with SO_REUSEPORT.
+SIGTERM drains: GOAWAY, in-flight streams finish up to ``--drain-timeout``, exit 0.
+Bad flags or config: one line on stderr, exit 2.
 """
 
 from __future__ import annotations
