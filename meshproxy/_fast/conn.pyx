@@ -365,7 +365,8 @@ cdef str _check_fields(Stream s, list headers, int kind):
                 return f"connection-specific header {name!r}"
         elif n == 11:
             if memcmp(q, b"grpc-status", 11) == 0:
-                s.grpc_status = _parse_uint(value)
+                cl = _parse_uint(value)
+                s.grpc_status = <int>cl if 0 <= cl <= 0x7FFFFFFF else 2  # garbage is UNKNOWN, as gRPC reads it
         elif n == 12:
             if memcmp(q, b"content-type", 12) == 0:
                 if kind != 2 and _starts(value, b"application/grpc", 16):
@@ -1188,6 +1189,10 @@ cdef class H2Connection:
             return 0
         if s.peer is not None:
             peer = s.peer
+            if peer.pending is not None and PyByteArray_GET_SIZE(peer.pending):
+                # request body still queued for the upstream: it was received here, give it back
+                self._credit(s, PyByteArray_GET_SIZE(peer.pending))
+                peer.pending = None
             _unlink(s)
             if peer.state != S_CLOSED:
                 peer.conn._stream_error(peer, E_CANCEL)
