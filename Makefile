@@ -34,6 +34,7 @@ lint: $(STAMP)
 test: lint debs
 	$(PY) -m pytest -q
 	MESHPROXY_NO_EXTENSIONS=1 $(PY) -m pytest -q -m "codec or lb" tests/codec tests/lb
+	MESHPROXY_NO_EXTENSIONS=1 $(PY) -m pytest -q tests/integration/test_interop.py tests/integration/test_grpc_proxy.py
 
 bench: $(STAMP) debs
 	$(PY) perf/bench_codec.py

@@ -18,7 +18,7 @@ import logging
 import socket
 from typing import TYPE_CHECKING, Any
 
-from meshproxy._fast import conn as h2
+from meshproxy.conn import h2conn as h2
 
 if TYPE_CHECKING:
     from meshproxy.upstream import Endpoint, Subset

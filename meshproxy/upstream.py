@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from meshproxy._fast import conn as h2
+from meshproxy.conn import h2conn as h2
 from meshproxy.lb import balancer
 
 if TYPE_CHECKING:

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from meshproxy._fast import conn as h2
+from meshproxy.conn import h2conn as h2
 from meshproxy.downstream import Deadlines, DownstreamProtocol, Request
 from meshproxy.routing import RouteTable
 from meshproxy.upstream import Cluster, Endpoint, UpstreamProtocol, parse_address
