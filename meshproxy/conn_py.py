@@ -1627,9 +1627,8 @@ class H2Connection:
     def _flush_stream(self, s: Stream) -> None:
         """Send what waits in ``s`` as the windows allow; credit its source for what left."""
         buf = s._pending
-        # BUG (compiled): it does not stop once END_STREAM is out, so a WINDOW_UPDATE (or
-        # resume_writing) on a half-closed (local) stream whose queue has drained sends another,
-        # empty DATA frame with END_STREAM: the peer answers STREAM_CLOSED (§5.1).
+        # Nothing more once END_STREAM is out: a WINDOW_UPDATE (or resume_writing) on a half-closed
+        # (local) stream must not send a second one, the peer would answer STREAM_CLOSED (§5.1).
         if buf is None or s._state == S_CLOSED or s._sent_end or self._write_paused:
             return
         n = len(buf)

@@ -1412,7 +1412,7 @@ cdef class H2Connection:
         """Send what waits in ``s`` as the windows allow; credit its source for what left."""
         cdef Py_ssize_t n, sent
         cdef bytearray buf = s.pending
-        if buf is None or s.state == S_CLOSED or self.write_paused:
+        if buf is None or s.state == S_CLOSED or s.sent_end or self.write_paused:
             return 0
         n = PyByteArray_GET_SIZE(buf)
         sent = _write_data(s, <const uint8_t*>PyByteArray_AS_STRING(buf), n,

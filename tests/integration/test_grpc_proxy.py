@@ -384,7 +384,9 @@ def test_grpc_timeout_header(request: pytest.FixtureRequest, kind: str, deadline
             call = ch.unary_unary(f"/{SERVICE}/Unary")
             assert call(b"hello", metadata=[("x-meta-ascii", "v")], timeout=deadline) == b""
         headers = server.requests.get(timeout=NOTICE)
-    assert 0 < harness.grpc_timeout_seconds(headers["grpc-timeout"]) <= deadline
+    # grpcio rounds its own header up: for a 300 s deadline it sends "5M" mostly, and now and then
+    # "301S" (seen here about once in 20 calls); the sidecar passes on the time left of what it got.
+    assert 0 < harness.grpc_timeout_seconds(headers["grpc-timeout"]) <= deadline * 1.01 + 1
     assert headers[":method"] == "POST"
     assert headers[":path"] == f"/{SERVICE}/Unary"
     assert headers["content-type"].startswith("application/grpc")
