@@ -669,6 +669,8 @@ class H2Connection:
         settings=None,
         hold=False,
         generate_request_id=False,
+        *,
+        first_stream_id=1,
     ) -> None:
         cfg = dict(settings or {})
         self._client = bool(client)
@@ -717,7 +719,10 @@ class H2Connection:
         self._conn_recv_unacked = 0
         self._open_local = 0
         self._open_remote = 0
-        self._next_stream_id = 1
+        # Client role: the first stream id we use (3 after an HTTP/1.1 upgrade, whose request is stream 1).
+        if not (isinstance(first_stream_id, int) and 1 <= first_stream_id <= 0x7FFFFFFF and first_stream_id & 1):
+            raise ValueError("first_stream_id must be an odd stream id")
+        self._next_stream_id = first_stream_id
         self._last_peer_stream = 0  # the highest stream id we processed (our GOAWAY's last stream id)
         self._hb_stream = 0
         self._hb_end_stream = False

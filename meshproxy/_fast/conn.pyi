@@ -103,6 +103,8 @@ class H2Connection:
         settings: dict[str, int] | None = None,
         hold: bool = False,
         generate_request_id: bool = False,
+        *,
+        first_stream_id: int = 1,
     ) -> None: ...
     @property
     def active_streams(self) -> int: ...

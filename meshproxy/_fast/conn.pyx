@@ -422,7 +422,7 @@ cdef class H2Connection:
     """
 
     def __init__(self, bint client, Outbox outbox=None, settings=None, bint hold=False,
-                 bint generate_request_id=False):
+                 bint generate_request_id=False, *, first_stream_id=1):
         cfg = dict(settings or {})
         self.client = client
         self.outbox = outbox
@@ -460,7 +460,10 @@ cdef class H2Connection:
         self.remote_max_header_list = 0xFFFFFFFF
         self.conn_send_window = DEFAULT_WINDOW
         self.conn_recv_window = self.local_connection_window
-        self.next_stream_id = 1
+        # Client role: the first stream id we use (3 after an HTTP/1.1 upgrade, whose request is stream 1).
+        if not (isinstance(first_stream_id, int) and 1 <= first_stream_id <= 0x7FFFFFFF and first_stream_id & 1):
+            raise ValueError("first_stream_id must be an odd stream id")
+        self.next_stream_id = first_stream_id
         self.hb_buf = bytearray()
         self.hold_new = hold
         self.stream_limit = 0xFFFFFFFF

@@ -399,3 +399,29 @@ def test_header_list_larger_than_ours_resets_that_stream_only():
     assert events_of(r.events, C.EV_REQUEST)[-1][1].headers[-1] == (b"x-1", b"v" * 50)
     r.send(data(1, b"still here", end=True))
     assert events_of(r.events, C.EV_DATA)[-1][2] == b"still here"
+
+
+# -- stream ids running out ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("twin", ["c", "py"])
+def test_stream_ids_near_the_end_stop_new_streams_so_a_pool_opens_another_connection(twin):
+    from meshproxy import conn as selector
+
+    mod = C if twin == "c" else selector.pure()
+    last = 0x7FFFFFFF - 2 * 1000  # what the connection keeps in reserve
+    c = mod.H2Connection(True, first_stream_id=last - 2)
+    c.initiate()
+    c.receive(settings())
+    assert c.can_open
+    c.open_stream(REQUEST, end_stream=True)
+    c.open_stream(REQUEST, end_stream=True)
+    assert c.next_stream_id == last + 2 and not c.can_open
+    with pytest.raises(ValueError):
+        c.open_stream(REQUEST, end_stream=True)
+
+
+@pytest.mark.parametrize("bad", [0, 2, 2**31, -1, "1"])
+def test_first_stream_id_must_be_an_odd_stream_id(bad):
+    with pytest.raises(ValueError):
+        C.H2Connection(True, first_stream_id=bad)
