@@ -15,10 +15,10 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
-import socket
 from typing import TYPE_CHECKING, Any
 
 from meshproxy.conn import h2conn as h2
+from meshproxy.transport import H2Protocol
 
 if TYPE_CHECKING:
     from meshproxy.upstream import Endpoint, Subset
@@ -174,36 +174,23 @@ def respond_error(stream: h2.Stream, err: tuple[str, int, int, str], detail: str
     _deliver(conn, events)
 
 
-class DownstreamProtocol(asyncio.Protocol):
+class DownstreamProtocol(H2Protocol):
     """One accepted HTTP/2 connection on a listener."""
 
-    __slots__ = ("conn", "listener", "transport", "worker")
+    __slots__ = ("listener",)
 
     def __init__(self, worker: Worker, listener: str) -> None:
-        self.worker = worker
-        self.listener = listener
-        self.transport: asyncio.Transport | None = None
-        self.conn = h2.H2Connection(
+        conn = h2.H2Connection(
             False, worker.outbox, worker.downstream_settings(listener), hold=True, generate_request_id=True
         )
+        super().__init__(worker, conn)
+        self.listener = listener
 
     def connection_made(self, transport: Any) -> None:
-        self.transport = transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.conn.writer = transport.write
-        self.conn.handler = self._events
-        self.conn.initiate()
+        super().connection_made(transport)
         self.worker.downstreams.add(self)
         if self.worker.draining:
             self.conn.shutdown()
-        self.worker.outbox.flush()
-
-    def data_received(self, data: bytes) -> None:
-        events = self.conn.receive(data)
-        if events is not None:
-            self._events(events)
         self.worker.outbox.flush()
 
     def _events(self, events: list) -> None:
@@ -318,22 +305,7 @@ class DownstreamProtocol(asyncio.Protocol):
                 return
         req.up = c.open_forward(s, route.authority_rewrite, route.rewrite_path(s.path), timeout_ns)
 
-    def _close(self) -> None:
-        self.worker.outbox.flush()
-        if self.transport is not None:
-            self.transport.close()
-
-    def pause_writing(self) -> None:
-        self.conn.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.conn.resume_writing()
-        self.worker.outbox.flush()
-
     def connection_lost(self, exc: Exception | None) -> None:
-        self.conn.writer = None
-        events = self.conn.connection_lost()
-        if events is not None:
-            self._events(events)
+        super().connection_lost(exc)
         self.worker.downstreams.discard(self)
         self.worker.outbox.flush()

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from meshproxy.conn import h2conn as h2
 from meshproxy.lb import balancer
+from meshproxy.transport import H2Protocol
 
 if TYPE_CHECKING:
     from meshproxy.worker import Worker
@@ -254,27 +254,19 @@ def _seconds(msg: Any, field: str, default: float) -> float:
     return d.seconds + d.nanos / 1e9
 
 
-class UpstreamProtocol(asyncio.Protocol):
+class UpstreamProtocol(H2Protocol):
     """One HTTP/2 client connection to an endpoint (h2c)."""
 
-    __slots__ = ("conn", "endpoint", "idle_since", "transport", "worker")
+    __slots__ = ("endpoint", "idle_since")
 
     def __init__(self, worker: Worker, endpoint: Endpoint) -> None:
-        self.worker = worker
-        self.endpoint = endpoint
-        self.transport: asyncio.Transport | None = None
-        self.conn = h2.H2Connection(True, worker.outbox, worker.upstream_settings, hold=True)
+        super().__init__(worker, h2.H2Connection(True, worker.outbox, worker.upstream_settings, hold=True))
         self.conn.stream_limit = endpoint.cluster.max_concurrent_streams
+        self.endpoint = endpoint
         self.idle_since = 0.0
 
     def connection_made(self, transport: Any) -> None:
-        self.transport = transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.conn.writer = transport.write
-        self.conn.handler = self._events
-        self.conn.initiate()
+        super().connection_made(transport)
         self.endpoint.conns.append(self)
         self.worker.upstreams.add(self)
 
@@ -282,7 +274,7 @@ class UpstreamProtocol(asyncio.Protocol):
         events = self.conn.receive(data)
         if events is not None:
             self._events(events)
-        if self.endpoint.waiters:
+        if self.endpoint.waiters:  # the peer's SETTINGS, or a stream ending, may let them in
             self.endpoint.serve_waiters(self)
         self.worker.outbox.flush()
 
@@ -294,27 +286,14 @@ class UpstreamProtocol(asyncio.Protocol):
             elif kind == EV_GOAWAY:
                 log.debug("GOAWAY from %s: last stream %d, code %d", self.endpoint.address, ev[1], ev[2])
 
-    def _close(self) -> None:
-        self.worker.outbox.flush()
-        if self.transport is not None:
-            self.transport.close()
-
-    def pause_writing(self) -> None:
-        self.conn.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.conn.resume_writing()
-        self.worker.outbox.flush()
-
     def connection_lost(self, exc: Exception | None) -> None:
-        self.conn.writer = None
-        self.conn.connection_lost()
+        super().connection_lost(exc)
+        ep = self.endpoint
         try:
-            self.endpoint.conns.remove(self)
+            ep.conns.remove(self)
         except ValueError:
             pass
         self.worker.upstreams.discard(self)
-        ep = self.endpoint
         if ep.waiters and not ep.conns and not ep.connecting:
             # It went away before it could take them: those requests never reached an upstream.
             waiters, ep.waiters = ep.waiters, deque()
