@@ -262,16 +262,11 @@ class DownstreamProtocol(H2Protocol):
         ep = subset.endpoints[i]
         req.index = i
         req.endpoint = ep
-        for p in ep.conns:
-            c = p.conn
-            if c.can_open:
-                if req.deadline_ns:
-                    self._forward(req, c)
-                else:
-                    route = req.route
-                    req.up = c.open_forward(s, route.authority_rewrite, route.rewrite_path(s.path), -1)
-                return
-        ep.wait(self.worker, lambda conn, failure: self._connected(req, conn, failure))
+        c = ep.ready()
+        if c is None:
+            ep.wait(self.worker, lambda conn, failure: self._connected(req, conn, failure))
+        else:
+            self._forward(req, c)
 
     def _redispatch(self, s: h2.Stream) -> None:
         # The upstream never processed the request (REFUSED_STREAM, or above its
