@@ -74,8 +74,9 @@ class Runtime:
         if previous is not None:
             for name, cl in previous.clusters.items():
                 reuse[name] = {ep.address: ep for ep in cl.endpoints}
-        self.clusters = {c.name: Cluster(c, reuse.get(c.name)) for c in config.clusters}
+        # Routes first: they are what can still be refused, and the clusters take over live endpoints.
         self.tables = {ls.name: RouteTable.compile(ls, config.clusters) for ls in config.listeners}
+        self.clusters = {c.name: Cluster(c, reuse.get(c.name)) for c in config.clusters}
         self.listener_settings = {ls.name: _listener_settings(ls) for ls in config.listeners}
 
 
