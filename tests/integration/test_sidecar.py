@@ -1270,3 +1270,30 @@ def test_sighup_swaps_the_config_and_refuses_a_bad_one(
         os.kill(sidecar.pid, signal.SIGHUP)
         assert harness.poll_until(lambda: "config reload refused" in sidecar.output(), timeout=10), sidecar.output()
         assert _who(sidecar.address) == "v2", "the last good config stays in force"
+
+
+# == 11. ring hash on a header ============================================================
+
+
+def test_ring_hash_keeps_a_user_on_one_endpoint(
+    tmp_path: Path, request: pytest.FixtureRequest, versioned_nghttpds: dict
+):
+    """A RING_HASH cluster keyed on x-user: every request of one user lands on the same endpoint,
+    and the users spread over both."""
+    ring = {
+        "name": "reviews",
+        "lb_policy": "RING_HASH",
+        "hash_header": "x-user",
+        "endpoints": [{"address": versioned_nghttpds["v1"]}, {"address": versioned_nghttpds["v2"]}],
+    }
+    users = [f"user-{i}" for i in range(40)]
+    seen: dict[str, set[str]] = {u: set() for u in users}
+    with configured_sidecar(tmp_path, [vhost("all", ["*"], to("reviews"))], [ring], request=request) as sidecar:
+        with H2Client(sidecar.address) as client:
+            for _ in range(5):
+                ids = {client.send("/who", authority="reviews", headers=[("x-user", u)]): u for u in users}
+                for sid, response in zip(ids, client.wait(list(ids), timeout=30), strict=True):
+                    assert response.status == 200, response
+                    seen[ids[sid]].add(bytes(response.body).decode())
+    assert all(len(where) == 1 for where in seen.values()), seen
+    assert {next(iter(where)) for where in seen.values()} == {"v1", "v2"}
