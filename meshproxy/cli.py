@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -30,14 +31,18 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _address(value: str) -> str:
-    from meshproxy.upstream import parse_address
+def _address(value: str, *, listener: bool = False) -> str:
+    from meshproxy.config import parse_address
 
     try:
-        parse_address(value)
+        parse_address(value, listener=listener)
     except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+        raise argparse.ArgumentTypeError(f"{value!r}: {e}") from None
     return value
+
+
+def _bind_address(value: str) -> str:
+    return _address(value, listener=True)
 
 
 def _positive(value: str) -> int:
@@ -66,19 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a sidecar", description="Run a meshproxy sidecar.")
     src = run.add_mutually_exclusive_group()
     src.add_argument("--config", metavar="FILE", help="sidecar config (YAML or JSON of meshproxy.v1.SidecarConfig)")
-    src.add_argument("--listen", metavar="ADDR", type=_address, help="listen address (with --upstream)")
+    src.add_argument("--listen", metavar="ADDR", type=_bind_address, help="listen address (with --upstream)")
     run.add_argument("--upstream", metavar="ADDR", type=_address, help="the one upstream, h2c (with --listen)")
     run.add_argument(
         "--admin",
         metavar="ADDR",
-        type=_address,
+        type=_bind_address,
         default="127.0.0.1:15000",
         help="admin service address (default 127.0.0.1:15000)",
     )
     run.add_argument(
         "--metrics",
         metavar="ADDR",
-        type=_address,
+        type=_bind_address,
         default="0.0.0.0:15090",
         help="Prometheus metrics address (default 0.0.0.0:15090)",
     )
@@ -168,30 +173,17 @@ def _supervise(cfg: Any, args: argparse.Namespace) -> int:
         children.append(pid)
 
     def forward(signum: int, _frame: Any) -> None:
+        # SIGTERM and SIGINT drain every worker; SIGHUP makes each re-read the config.
+        sig = signal.SIGHUP if signum == signal.SIGHUP else signal.SIGTERM
         for pid in children:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
 
-    def forward_hup(signum: int, _frame: Any) -> None:
-        for pid in children:
-            try:
-                os.kill(pid, signal.SIGHUP)
-            except ProcessLookupError:
-                pass
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGHUP, forward_hup)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
     status = 0
     for pid in children:
-        while True:
-            try:
-                _, code = os.waitpid(pid, 0)
-                break
-            except InterruptedError:
-                continue
+        _, code = os.waitpid(pid, 0)  # retried across our signal handlers (PEP 475)
         if os.waitstatus_to_exitcode(code) != 0:
             status = 1
     return status

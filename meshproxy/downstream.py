@@ -101,9 +101,6 @@ class Deadlines:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0
 
-    def __len__(self) -> int:
-        return self._live
-
     def add(self, deadline_ns: int, req: Request) -> None:
         self._seq += 1
         self._live += 1

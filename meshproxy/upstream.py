@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from meshproxy.config import parse_address
 from meshproxy.conn import h2conn as h2
 from meshproxy.lb import balancer
 from meshproxy.transport import H2Protocol
@@ -28,7 +29,7 @@ from meshproxy.transport import H2Protocol
 if TYPE_CHECKING:
     from meshproxy.worker import Worker
 
-__all__ = ["Cluster", "Endpoint", "Subset", "UpstreamProtocol", "parse_address"]
+__all__ = ["Cluster", "Endpoint", "Subset", "UpstreamProtocol"]
 
 log = logging.getLogger("meshproxy.upstream")
 
@@ -39,18 +40,6 @@ EV_TERMINATED = h2.EV_TERMINATED
 # Connection failures, as the downstream sees them: (response flag, grpc status, http status, message).
 CONNECT_FAILURE = ("UF", 14, 503, "upstream connect error")
 OVERFLOW = ("UO", 14, 503, "upstream connection pool overflow")
-
-
-def parse_address(address: str) -> tuple[str, int]:
-    """``host:port`` or ``[v6]:port`` -> (host, port); ValueError with the reason otherwise."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"address {address!r} is not host:port")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"address {address!r} has an invalid port")
-    return host, int(port)
 
 
 class Endpoint:
@@ -116,13 +105,17 @@ class Endpoint:
             self.connecting -= 1
             log.debug("connect to %s failed: %s", self.address, e)
             if self.connecting == 0 and not self.conns:
-                waiters, self.waiters = self.waiters, deque()
-                for cb in waiters:
-                    cb(None, CONNECT_FAILURE)
+                self.fail_waiters(CONNECT_FAILURE)
                 worker.outbox.flush()
             return
         self.connecting -= 1
         self.serve_waiters(proto)
+
+    def fail_waiters(self, failure: tuple) -> None:
+        """Answer every waiting request with ``failure`` (no connection will take them)."""
+        waiters, self.waiters = self.waiters, deque()
+        for cb in waiters:
+            cb(None, failure)
 
     def serve_waiters(self, proto: UpstreamProtocol) -> None:
         """Give waiting requests streams on ``proto``; open another connection for the rest."""
@@ -296,9 +289,7 @@ class UpstreamProtocol(H2Protocol):
         self.worker.upstreams.discard(self)
         if ep.waiters and not ep.conns and not ep.connecting:
             # It went away before it could take them: those requests never reached an upstream.
-            waiters, ep.waiters = ep.waiters, deque()
-            for cb in waiters:
-                cb(None, CONNECT_FAILURE)
+            ep.fail_waiters(CONNECT_FAILURE)
         self.worker.outbox.flush()
 
     def check_idle(self, now: float) -> None:

@@ -23,10 +23,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from meshproxy.config import parse_address
 from meshproxy.conn import h2conn as h2
 from meshproxy.downstream import Deadlines, DownstreamProtocol, Request
 from meshproxy.routing import RouteTable
-from meshproxy.upstream import Cluster, Endpoint, UpstreamProtocol, parse_address
+from meshproxy.upstream import Cluster, Endpoint, UpstreamProtocol
 
 __all__ = ["Runtime", "Worker"]
 
@@ -143,7 +144,7 @@ class Worker:
         gc.freeze()
         gc.set_threshold(50_000, 50, 100)
         for ls in self.runtime.config.listeners:
-            host, port = parse_address(ls.address)
+            host, port = parse_address(ls.address, listener=True)
             server = await self.loop.create_server(
                 lambda name=ls.name: DownstreamProtocol(self, name),
                 host=host,

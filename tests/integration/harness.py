@@ -388,31 +388,62 @@ class RequestPipe:
         self.close()
 
 
-class H2CaptureServer:
-    """A bare HTTP/2 (h2c) server that records every request's header fields and answers each
-    finished request with one empty gRPC message and ``grpc-status: 0``: for checking what
-    exactly reaches a server (grpc-timeout, te), which grpcio's server does not show."""
+class ThreadedServer:
+    """A loopback TCP server for tests: one thread accepts, one thread per connection runs
+    ``_handle(sock)``. Subclasses set their own state before calling ``__init__`` (the accept
+    thread starts there). ``close()`` (or leaving the ``with``) stops and joins them all."""
+
+    name = "server"
 
     def __init__(self, host: str = HOST) -> None:
-        self.requests: queue.Queue[dict[str, str]] = queue.Queue()
         self._listener = socket.create_server((host, 0))
         self._listener.settimeout(0.2)
         self.address = f"{host}:{self._listener.getsockname()[1]}"
         self._closed = threading.Event()
-        self._threads = [threading.Thread(target=self._accept, name="h2-capture-accept", daemon=True)]
+        self._threads = [threading.Thread(target=self._accept, name=f"{self.name}-accept", daemon=True)]
         self._threads[0].start()
 
     def _accept(self) -> None:
         while not self._closed.is_set():
             try:
-                conn, _ = self._listener.accept()
+                sock, _ = self._listener.accept()
             except TimeoutError:
                 continue
             except OSError:
                 return
-            thread = threading.Thread(target=self._serve, args=(conn,), name="h2-capture-conn", daemon=True)
+            thread = threading.Thread(target=self._handle, args=(sock,), name=f"{self.name}-conn", daemon=True)
             self._threads.append(thread)
             thread.start()
+
+    def _handle(self, sock: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._closed.set()
+        self._listener.close()
+        for thread in self._threads:
+            thread.join(5)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+class H2CaptureServer(ThreadedServer):
+    """A bare HTTP/2 (h2c) server that records every request's header fields and answers each
+    finished request with one empty gRPC message and ``grpc-status: 0``: for checking what
+    exactly reaches a server (grpc-timeout, te), which grpcio's server does not show."""
+
+    name = "h2-capture"
+
+    def __init__(self, host: str = HOST) -> None:
+        self.requests: queue.Queue[dict[str, str]] = queue.Queue()
+        super().__init__(host)
+
+    def _handle(self, conn: socket.socket) -> None:
+        self._serve(conn)
 
     def _serve(self, conn: socket.socket) -> None:
         import h2.config
@@ -447,18 +478,6 @@ class H2CaptureServer:
                     elif isinstance(event, h2.events.ConnectionTerminated):
                         return
                 conn.sendall(h2conn.data_to_send())
-
-    def close(self) -> None:
-        self._closed.set()
-        self._listener.close()
-        for thread in self._threads:
-            thread.join(5)
-
-    def __enter__(self) -> H2CaptureServer:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
 
 
 def grpc_timeout_seconds(value: str) -> float:

@@ -284,7 +284,7 @@ def h2_request(address: str, path: str, timeout: float = TIMEOUT, **kwargs) -> R
 # -- an upstream the test scripts -------------------------------------------------------
 
 
-class ScriptedH2Server:
+class ScriptedH2Server(harness.ThreadedServer):
     """An h2c server (the h2 library, a thread per connection) that answers every request with a
     gRPC-shaped response carrying ``identity`` (``x-served-by``, and as the one message), and
     can be told to:
@@ -303,6 +303,8 @@ class ScriptedH2Server:
     It counts what it saw: connections, requests served, the most streams open at once on one
     connection (refused ones included), refusals, GOAWAYs, streams ignored after a GOAWAY.
     """
+
+    name = "scripted-h2"
 
     def __init__(
         self,
@@ -329,28 +331,11 @@ class ScriptedH2Server:
         self.ignored = 0
         self.resets = 0
         self.paths: list[str] = []
-        self._listener = socket.create_server((HOST, 0))
-        self._listener.settimeout(0.1)
-        self.address = f"{HOST}:{self._listener.getsockname()[1]}"
-        self._closed = threading.Event()
-        self._threads = [threading.Thread(target=self._accept, name="scripted-h2-accept", daemon=True)]
-        self._threads[0].start()
+        super().__init__(HOST)
 
-    def _accept(self) -> None:
-        while not self._closed.is_set():
-            try:
-                sock, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with self.lock:
-                self.connections += 1
-            thread = threading.Thread(target=self._serve_safely, args=(sock,), name="scripted-h2-conn", daemon=True)
-            self._threads.append(thread)
-            thread.start()
-
-    def _serve_safely(self, sock: socket.socket) -> None:
+    def _handle(self, sock: socket.socket) -> None:
+        with self.lock:
+            self.connections += 1
         with sock, contextlib.suppress(OSError, h2.exceptions.ProtocolError):
             self._serve(sock)
 
@@ -469,18 +454,6 @@ class ScriptedH2Server:
                 conn.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
                 with self.lock:
                     self.refused += 1
-
-    def close(self) -> None:
-        self._closed.set()
-        self._listener.close()
-        for thread in self._threads:
-            thread.join(5)
-
-    def __enter__(self) -> ScriptedH2Server:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
 
 
 # -- grpcio servers ---------------------------------------------------------------------
