@@ -27,7 +27,12 @@ PROTO_DIR = ROOT / "proto"
 #: .proto path under proto/ -> the package directory its generated modules live in.
 PROTOS = {
     "meshproxy/v1/config.proto": "meshproxy/config/v1",
+    "meshproxy/v1/control.proto": "meshproxy/config/v1",
 }
+
+#: Protos that declare services: they also get a ``*_pb2_grpc.py`` (which imports grpcio;
+#: the sidecar never imports it, only the control plane and tests do).
+SERVICES = {"meshproxy/v1/control.proto"}
 
 HEADER = "# ruff: noqa\n# fmt: off\n"
 
@@ -62,14 +67,16 @@ def generate(out_dir: Path) -> list[Path]:
     written = []
     with tempfile.TemporaryDirectory() as raw:
         args = ["protoc", f"-I{PROTO_DIR}", f"-I{wkt}", f"--python_out={raw}", f"--pyi_out={raw}"]
+        args += [f"--grpc_python_out={raw}"]
         args += [str(PROTO_DIR / p) for p in PROTOS]
         if protoc.main(args) != 0:
             raise RuntimeError(f"protoc failed: {' '.join(args)}")
         for proto, package in PROTOS.items():
             stem = Path(proto).stem + "_pb2"
-            for ext in (".py", ".pyi"):
-                src = Path(raw) / Path(proto).parent / (stem + ext)
-                rel = Path(package) / (stem + ext)
+            outputs = [stem + ".py", stem + ".pyi"] + ([stem + "_grpc.py"] if proto in SERVICES else [])
+            for name in outputs:
+                src = Path(raw) / Path(proto).parent / name
+                rel = Path(package) / name
                 dest = out_dir / rel
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 dest.write_text(HEADER + _rename(src.read_text()))

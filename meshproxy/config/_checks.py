@@ -197,6 +197,35 @@ def _check_cluster(c: pb.Cluster, path: str) -> None:
                 raise ConfigError(at(spath, "labels"), "a label selector key is empty")
     _duration(c, "connect_timeout", path, positive=True)
     _duration(c, "idle_timeout", path, positive=True)
+    if c.HasField("retry_budget"):
+        _check_budget(c.retry_budget, at(path, "retry_budget"))
+
+
+#: retry_on conditions besides HTTP status codes ("503") and gRPC status names.
+RETRY_ON = frozenset(
+    {"connect-failure", "refused-stream", "reset", "5xx", "gateway-error", "retriable-status-codes", "retriable-4xx"}
+)
+#: The gRPC statuses a route may retry on, by the names Envoy's grpc retry-on uses.
+GRPC_RETRY_ON = frozenset({"cancelled", "deadline-exceeded", "internal", "resource-exhausted", "unavailable"})
+
+
+def _check_retry(r: pb.RetryPolicy, path: str) -> None:
+    _duration(r, "per_try_timeout", path, positive=True)
+    for j, cond in enumerate(r.retry_on):
+        if cond in RETRY_ON or cond in GRPC_RETRY_ON:
+            continue
+        if cond.isdigit() and 100 <= int(cond) <= 599:
+            continue
+        known = ", ".join(sorted(RETRY_ON | GRPC_RETRY_ON))
+        raise ConfigError(index(at(path, "retry_on"), j), f"unknown condition {cond!r} (known: {known}, or a status)")
+    if r.HasField("budget"):
+        _check_budget(r.budget, at(path, "budget"))
+
+
+def _check_budget(b: pb.RetryBudget, path: str) -> None:
+    if not 0.0 <= b.retry_ratio <= 1000.0:
+        raise ConfigError(at(path, "retry_ratio"), f"must be from 0 to 1000, got {b.retry_ratio:g}")
+    _duration(b, "ttl", path, positive=True)
 
 
 def _check_http2(h: pb.Http2Settings, path: str) -> None:
@@ -242,6 +271,8 @@ def check_routes(lis: pb.Listener, clusters: dict[str, pb.Cluster], lpath: str =
 def _check_route(route: pb.Route, path: str, clusters: dict[str, pb.Cluster]) -> None:
     _check_match(route.match, at(path, "match"))
     _duration(route, "timeout", path)
+    if route.HasField("retry_policy"):
+        _check_retry(route.retry_policy, at(path, "retry_policy"))
     action = route.WhichOneof("action")
     if action is None:
         raise ConfigError(path, "no action: set 'route' or 'direct_response'")

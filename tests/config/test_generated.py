@@ -22,6 +22,9 @@ def test_committed_code_equals_a_fresh_build(tmp_path):
     assert sorted(str(p) for p in written) == [
         "meshproxy/config/v1/config_pb2.py",
         "meshproxy/config/v1/config_pb2.pyi",
+        "meshproxy/config/v1/control_pb2.py",
+        "meshproxy/config/v1/control_pb2.pyi",
+        "meshproxy/config/v1/control_pb2_grpc.py",
     ]
     for rel in written:
         fresh = (tmp_path / rel).read_text()

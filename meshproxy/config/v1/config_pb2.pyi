@@ -88,18 +88,42 @@ class VirtualHost(_message.Message):
     def __init__(self, name: _Optional[str] = ..., domains: _Optional[_Iterable[str]] = ..., routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ...) -> None: ...
 
 class Route(_message.Message):
-    __slots__ = ("name", "match", "route", "direct_response", "timeout")
+    __slots__ = ("name", "match", "route", "direct_response", "timeout", "retry_policy")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MATCH_FIELD_NUMBER: _ClassVar[int]
     ROUTE_FIELD_NUMBER: _ClassVar[int]
     DIRECT_RESPONSE_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    RETRY_POLICY_FIELD_NUMBER: _ClassVar[int]
     name: str
     match: RouteMatch
     route: RouteAction
     direct_response: DirectResponse
     timeout: _duration_pb2.Duration
-    def __init__(self, name: _Optional[str] = ..., match: _Optional[_Union[RouteMatch, _Mapping]] = ..., route: _Optional[_Union[RouteAction, _Mapping]] = ..., direct_response: _Optional[_Union[DirectResponse, _Mapping]] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    retry_policy: RetryPolicy
+    def __init__(self, name: _Optional[str] = ..., match: _Optional[_Union[RouteMatch, _Mapping]] = ..., route: _Optional[_Union[RouteAction, _Mapping]] = ..., direct_response: _Optional[_Union[DirectResponse, _Mapping]] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., retry_policy: _Optional[_Union[RetryPolicy, _Mapping]] = ...) -> None: ...
+
+class RetryPolicy(_message.Message):
+    __slots__ = ("num_retries", "per_try_timeout", "retry_on", "budget")
+    NUM_RETRIES_FIELD_NUMBER: _ClassVar[int]
+    PER_TRY_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    RETRY_ON_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    num_retries: int
+    per_try_timeout: _duration_pb2.Duration
+    retry_on: _containers.RepeatedScalarFieldContainer[str]
+    budget: RetryBudget
+    def __init__(self, num_retries: _Optional[int] = ..., per_try_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., retry_on: _Optional[_Iterable[str]] = ..., budget: _Optional[_Union[RetryBudget, _Mapping]] = ...) -> None: ...
+
+class RetryBudget(_message.Message):
+    __slots__ = ("retry_ratio", "min_retries_per_second", "ttl")
+    RETRY_RATIO_FIELD_NUMBER: _ClassVar[int]
+    MIN_RETRIES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    TTL_FIELD_NUMBER: _ClassVar[int]
+    retry_ratio: float
+    min_retries_per_second: int
+    ttl: _duration_pb2.Duration
+    def __init__(self, retry_ratio: _Optional[float] = ..., min_retries_per_second: _Optional[int] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class RouteMatch(_message.Message):
     __slots__ = ("prefix", "path", "regex", "grpc", "headers", "method")
@@ -176,7 +200,7 @@ class DirectResponse(_message.Message):
     def __init__(self, status: _Optional[int] = ..., body: _Optional[str] = ..., grpc_status: _Optional[int] = ..., grpc_message: _Optional[str] = ...) -> None: ...
 
 class Cluster(_message.Message):
-    __slots__ = ("name", "lb_policy", "hash_header", "endpoints", "subsets", "connect_timeout", "max_concurrent_streams_per_connection", "idle_timeout", "max_connections_per_endpoint")
+    __slots__ = ("name", "lb_policy", "hash_header", "endpoints", "subsets", "connect_timeout", "max_concurrent_streams_per_connection", "idle_timeout", "max_connections_per_endpoint", "retry_budget")
     class LbPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         PEAK_EWMA: _ClassVar[Cluster.LbPolicy]
@@ -198,6 +222,7 @@ class Cluster(_message.Message):
     MAX_CONCURRENT_STREAMS_PER_CONNECTION_FIELD_NUMBER: _ClassVar[int]
     IDLE_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     MAX_CONNECTIONS_PER_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    RETRY_BUDGET_FIELD_NUMBER: _ClassVar[int]
     name: str
     lb_policy: Cluster.LbPolicy
     hash_header: str
@@ -207,7 +232,8 @@ class Cluster(_message.Message):
     max_concurrent_streams_per_connection: int
     idle_timeout: _duration_pb2.Duration
     max_connections_per_endpoint: int
-    def __init__(self, name: _Optional[str] = ..., lb_policy: _Optional[_Union[Cluster.LbPolicy, str]] = ..., hash_header: _Optional[str] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ..., subsets: _Optional[_Iterable[_Union[Subset, _Mapping]]] = ..., connect_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_concurrent_streams_per_connection: _Optional[int] = ..., idle_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_connections_per_endpoint: _Optional[int] = ...) -> None: ...
+    retry_budget: RetryBudget
+    def __init__(self, name: _Optional[str] = ..., lb_policy: _Optional[_Union[Cluster.LbPolicy, str]] = ..., hash_header: _Optional[str] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ..., subsets: _Optional[_Iterable[_Union[Subset, _Mapping]]] = ..., connect_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_concurrent_streams_per_connection: _Optional[int] = ..., idle_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_connections_per_endpoint: _Optional[int] = ..., retry_budget: _Optional[_Union[RetryBudget, _Mapping]] = ...) -> None: ...
 
 class Endpoint(_message.Message):
     __slots__ = ("address", "weight", "labels")
