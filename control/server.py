@@ -1,0 +1,312 @@
+"""The streaming config API (``meshproxy.v1.MeshControl/Stream``) and the push loop behind it.
+
+One ``ControlServer`` per control-plane process, on one asyncio loop:
+
+- Sources write to the ``Store`` from any thread; ``changed()`` (thread-safe)
+  starts the debounce: the configs are recomputed once the store has been
+  quiet for ``debounce`` (100 ms), and at most ``max_delay`` (1 s) after the
+  first change of a burst, so a stream of changes cannot starve pushes.
+- A recompute parses the store into a Model, logs and counts the problems
+  that are new, and builds a ``Translator``; then every subscriber whose
+  scope's config version differs from what it was last sent is woken. Only
+  those get a push, each with its own nonce; the config bytes are built
+  once per scope and shared.
+- Each stream is one handler coroutine (writes) and one reader task (ACKs
+  and NACKs); a subscriber's state (what it was sent, what it ACKed, its last
+  NACK) is what ``status()`` reports. A NACK is logged and counted, and the
+  same version is not sent again: the sidecar keeps its last good config
+  until a new version comes.
+
+``SignCertificate`` is declared in the proto and left unimplemented here
+(grpcio answers UNIMPLEMENTED) until the mTLS layer provides it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import grpc
+
+from control.model import parse
+from control.store import Store
+from control.translate import Translator
+from meshproxy.config.v1 import control_pb2 as cpb
+
+__all__ = ["ControlServer", "Subscriber", "serve"]
+
+log = logging.getLogger("meshproxy.control")
+
+SERVICE = "meshproxy.v1.MeshControl"
+_CONFIG_TAG = b"\x1a"  # StreamResponse.config: field 3, length-delimited
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+@dataclass(eq=False)
+class Subscriber:
+    """One sidecar stream (one worker of one sidecar)."""
+
+    node: cpb.Node  # type: ignore[name-defined]
+    worker: int
+    peer: str
+    connected_at: float = field(default_factory=time.time)
+    #: The version the sidecar said it runs when it subscribed, then what it ACKs.
+    acked_version: str = ""
+    sent_version: str = ""
+    sent_nonce: str = ""
+    sent_at: float = 0.0
+    acked_at: float = 0.0
+    nacked_version: str = ""
+    nack_message: str = ""
+    nacks: int = 0
+    #: What it should have: set by the push loop, written by the stream's handler.
+    target_version: str = ""
+    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def labels(self) -> Mapping[str, str]:
+        return self.node.labels
+
+    def describe(self) -> str:
+        return f"{self.node.id} ({self.node.namespace}/{self.node.workload}, worker {self.worker}, {self.peer})"
+
+
+class ControlServer:
+    """Recomputes configs when the store changes and pushes them to the subscribed sidecars."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        cluster_domain: str = "cluster.local",
+        default_export_to: tuple[str, ...] = ("*",),
+        debounce: float = 0.1,
+        max_delay: float = 1.0,
+    ) -> None:
+        self.store = store
+        self.cluster_domain = cluster_domain
+        self.default_export_to = default_export_to
+        self.debounce = debounce
+        self.max_delay = max_delay
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.translator: Translator | None = None
+        self.revision = -1
+        self.subscribers: set[Subscriber] = set()
+        self._payloads: dict[tuple, tuple[str, bytes]] = {}
+        self._nonces = itertools.count(1)
+        self._burst_start: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._problems: set[str] = set()
+        # Counters (exported as metrics by the observability layer).
+        self.pushes = 0
+        self.acks = 0
+        self.nacks = 0
+        self.recomputes = 0
+        self.rejected_resources = 0
+
+    # -- change detection -------------------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Compute the first configs now and follow the store from here on."""
+        self.loop = loop
+        self.store.on_change = self.changed
+        self.recompute()
+
+    def changed(self) -> None:
+        """The store changed (callable from any thread)."""
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self._schedule)
+
+    def _schedule(self) -> None:
+        now = self.loop.time()
+        if self._burst_start is None:
+            self._burst_start = now
+        if self._timer is not None:
+            self._timer.cancel()
+        when = min(now + self.debounce, self._burst_start + self.max_delay)
+        self._timer = self.loop.call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        self._burst_start = None
+        self.recompute()
+
+    def recompute(self) -> None:
+        revision, objects = self.store.snapshot()
+        if revision == self.revision and self.translator is not None:
+            return
+        t0 = time.perf_counter()
+        model = parse(objects, cluster_domain=self.cluster_domain)
+        translator = Translator(model, default_export_to=self.default_export_to)
+        self._report(translator)
+        self.translator, self.revision = translator, revision
+        self._payloads = {}
+        self.recomputes += 1
+        woken = 0
+        for sub in self.subscribers:
+            version = self._payload(sub)[0]
+            if version != sub.target_version:
+                sub.target_version = version
+                sub.wakeup.set()
+                woken += 1
+        log.info(
+            "store revision %d: %d resources, %d errors; %d of %d sidecars to push (%.1f ms)",
+            revision,
+            len(objects),
+            self.rejected_resources,
+            woken,
+            len(self.subscribers),
+            (time.perf_counter() - t0) * 1e3,
+        )
+
+    def _report(self, translator: Translator) -> None:
+        """Log each problem once, when it first appears; count the resources set aside."""
+        current = {str(p): p for p in translator.problems}
+        for text, p in current.items():
+            if text not in self._problems:
+                (log.error if p.severity == "error" else log.warning)("%s", text)
+        for text in self._problems - current.keys():
+            log.info("resolved: %s", text)
+        self._problems = set(current)
+        self.rejected_resources = len({p.resource for p in translator.problems if p.severity == "error"})
+
+    def _payload(self, sub: Subscriber) -> tuple[str, bytes]:
+        """(version, serialized SidecarConfig) for ``sub``'s scope, built once per scope and recompute."""
+        scope = self.translator.scope(sub.node.namespace, sub.labels)
+        got = self._payloads.get(scope)
+        if got is None:
+            cfg = self.translator.config(sub.node.namespace, sub.labels)
+            got = (cfg.version, cfg.SerializeToString())
+            self._payloads[scope] = got
+        return got
+
+    # -- the stream ---------------------------------------------------------------------------------
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "Stream": grpc.stream_stream_rpc_method_handler(
+                    self._stream,
+                    request_deserializer=cpb.StreamRequest.FromString,
+                    # Responses are built as bytes (the config part shared across sidecars).
+                    response_serializer=None,
+                )
+            },
+        )
+
+    async def _stream(self, requests, context: grpc.aio.ServicerContext) -> None:
+        try:
+            first = await anext(requests)
+        except StopAsyncIteration:
+            return
+        node = first.node
+        if not node.id or not node.namespace:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "the first message must carry node.id and node.namespace"
+            )
+        sub = Subscriber(node=node, worker=first.worker, peer=context.peer(), acked_version=first.version_info)
+        sub.target_version = self._payload(sub)[0]
+        self.subscribers.add(sub)
+        log.info("%s subscribed (running version %r)", sub.describe(), first.version_info)
+        reader = asyncio.get_running_loop().create_task(self._read(sub, requests))
+        try:
+            while not reader.done():
+                if sub.target_version != sub.sent_version:
+                    version, body = self._payload(sub)
+                    nonce = str(next(self._nonces))
+                    head = cpb.StreamResponse(version_info=version, nonce=nonce).SerializeToString()
+                    sub.sent_version, sub.sent_nonce, sub.sent_at = version, nonce, time.time()
+                    self.pushes += 1
+                    await context.write(head + _CONFIG_TAG + _varint(len(body)) + body)
+                    continue
+                sub.wakeup.clear()
+                waiter = asyncio.ensure_future(sub.wakeup.wait())
+                await asyncio.wait((waiter, reader), return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+        finally:
+            self.subscribers.discard(sub)
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+            log.info("%s disconnected", sub.describe())
+
+    async def _read(self, sub: Subscriber, requests) -> None:
+        async for msg in requests:
+            if msg.response_nonce != sub.sent_nonce:
+                continue  # answers a snapshot that a newer one replaced
+            if msg.HasField("error_detail"):
+                sub.nacked_version = sub.sent_version
+                sub.nack_message = msg.error_detail.message
+                sub.nacks += 1
+                self.nacks += 1
+                log.warning(
+                    "%s refused version %s (keeps %r): %s",
+                    sub.describe(),
+                    sub.sent_version,
+                    msg.version_info,
+                    msg.error_detail.message,
+                )
+            else:
+                sub.acked_version, sub.acked_at = msg.version_info, time.time()
+                self.acks += 1
+
+    # -- status ---------------------------------------------------------------------------------------
+
+    def status(self) -> list[dict]:
+        """Every connected sidecar: who, what it was sent, what it ACKed, its last NACK."""
+        out = []
+        for sub in sorted(self.subscribers, key=lambda s: (s.node.namespace, s.node.id, s.worker)):
+            synced = sub.acked_version == sub.sent_version and sub.sent_version == sub.target_version
+            out.append(
+                {
+                    "id": sub.node.id,
+                    "namespace": sub.node.namespace,
+                    "workload": sub.node.workload,
+                    "worker": sub.worker,
+                    "peer": sub.peer,
+                    "sent": sub.sent_version,
+                    "acked": sub.acked_version,
+                    "nacked": sub.nacked_version,
+                    "nack_message": sub.nack_message,
+                    "state": "SYNCED" if synced else ("NACKED" if sub.nacked_version == sub.sent_version else "STALE"),
+                }
+            )
+        return out
+
+
+async def serve(control: ControlServer, address: str) -> tuple[grpc.aio.Server, int]:
+    """Start the gRPC server for ``control`` on ``address``; returns it (started) and its port."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_send_message_length", 64 << 20),
+            ("grpc.max_receive_message_length", 4 << 20),
+            # Sidecars hold one stream for hours: keep idle connections honest.
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            ("grpc.max_concurrent_streams", 1000),
+        ]
+    )
+    server.add_generic_rpc_handlers((control.handler(),))
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    await server.start()
+    return server, port

@@ -1,0 +1,343 @@
+"""Translation: the mesh's resources (a ``control.model.Model``) -> one ``SidecarConfig`` per sidecar scope.
+
+A sidecar's config depends only on its namespace and on those of its labels
+that some VirtualService match selects on (``sourceLabels``): that pair is
+its *scope*, and sidecars sharing one share a config (computed and
+serialized once, however many subscribe).
+
+What a sidecar gets, for every service (a Kubernetes Service or a
+ServiceEntry host) exported to its namespace (``exportTo``; the default is
+``--default-export-to``):
+
+- a cluster per service port, named as Istio names them
+  (``outbound|9080||reviews.default.svc.cluster.local``), with the ready
+  endpoints, the DestinationRule's subsets and traffic policy;
+- on the ``outbound`` listener, a virtual host per service port whose
+  domains are the names a client may use (``reviews`` from the same
+  namespace, ``reviews.default``, ``reviews.default.svc``, the FQDN; each
+  with ``:port``, and bare when the service has a single port), and whose
+  routes are the VirtualService's HTTP routes for that port, in order, or a
+  single route to the whole cluster when no VirtualService names the host.
+
+Resources refused by ``control.model`` never reach here; what can only be
+judged across resources (a route to an unknown host or subset, two
+services claiming one host) is checked once in ``Translator.__init__`` and
+recorded as Problems: a VirtualService with such a route is set aside
+whole, and the hosts it named fall back to their default route.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+
+from google.protobuf.duration_pb2 import Duration
+
+from control.model import (
+    Destination,
+    DestinationRule,
+    HttpRoute,
+    Match,
+    Model,
+    Problem,
+    Retries,
+    RetryBudget,
+    Service,
+    VirtualService,
+)
+from meshproxy.config.v1 import config_pb2 as pb
+
+__all__ = ["OUTBOUND_ADDRESS", "Scope", "Translator", "cluster_name", "version_of"]
+
+#: Where the outbound listener binds unless the sidecar says otherwise (its --listen).
+OUTBOUND_ADDRESS = "127.0.0.1:15001"
+
+#: (namespace, the labels that matter, sorted) -> one config.
+Scope = tuple[str, tuple[tuple[str, str], ...]]
+
+_LB = {
+    "": pb.Cluster.PEAK_EWMA,
+    "ROUND_ROBIN": pb.Cluster.ROUND_ROBIN,
+    "LEAST_REQUEST": pb.Cluster.LEAST_REQUEST,
+    "RANDOM": pb.Cluster.RANDOM,
+    "RING_HASH": pb.Cluster.RING_HASH,
+}
+
+
+def cluster_name(host: str, port: int) -> str:
+    return f"outbound|{port}||{host}"
+
+
+def version_of(cfg: pb.SidecarConfig) -> str:
+    """The version of a config: a digest of its content, so equal configs have equal versions."""
+    return hashlib.sha256(cfg.SerializeToString(deterministic=True)).hexdigest()[:16]
+
+
+def _visible(export_to: tuple[str, ...] | None, owner: str, namespace: str, default: tuple[str, ...]) -> bool:
+    for e in export_to or default:
+        if e == "*" or (e == "." and owner == namespace) or e == namespace:
+            return True
+    return False
+
+
+def _duration(seconds: float) -> Duration:
+    d = Duration()
+    d.FromNanoseconds(round(seconds * 1e9))
+    return d
+
+
+def _endpoint_address(address: str, port: int) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+class Translator:
+    """Indexes one Model; ``config(namespace, labels)`` builds a sidecar's config from it."""
+
+    def __init__(self, model: Model, *, default_export_to: tuple[str, ...] = ("*",)) -> None:
+        self.model = model
+        self.default_export_to = default_export_to
+        self.problems: list[Problem] = list(model.problems)
+        self.services: dict[str, Service] = {}
+        # Kubernetes Services first: a ServiceEntry cannot take over a Service's host.
+        for svc in sorted(model.services, key=lambda s: (not s.kubernetes, s.meta.namespace, s.meta.name)):
+            other = self.services.get(svc.host)
+            if other is not None:
+                self._warn(svc.meta, f"host {svc.host} is already defined by {other.meta}: this one is ignored for it")
+                continue
+            self.services[svc.host] = svc
+        self.rules: dict[str, list[DestinationRule]] = {}
+        for dr in model.destination_rules:
+            if dr.host not in self.services:
+                self._warn(dr.meta, f"no service has host {dr.host} (yet)", "spec.host")
+            self.rules.setdefault(dr.host, []).append(dr)
+        self.routes: dict[str, list[VirtualService]] = {}
+        self.source_label_keys: set[str] = set()
+        for vs in model.virtual_services:
+            if self._check_virtual_service(vs):
+                for host in vs.hosts:
+                    self.routes.setdefault(host, []).append(vs)
+                for r in vs.http:
+                    for m in r.matches:
+                        self.source_label_keys.update(m.source_labels)
+        for host, vss in self.routes.items():
+            for vs in vss[1:]:
+                self._warn(
+                    vs.meta, f"host {host} is also routed by {vss[0].meta}; a sidecar uses the one closest to it"
+                )
+        self._cache: dict[Scope, pb.SidecarConfig] = {}
+
+    def _warn(self, meta, message: str, path: str = "") -> None:
+        self.problems.append(Problem("warning", str(meta), path, message, meta.origin))
+
+    def _check_virtual_service(self, vs: VirtualService) -> bool:
+        """Cross-resource checks: every destination is a known host, subset and port."""
+        subsets: dict[str, set[str]] = {}
+        for dr in self.model.destination_rules:
+            subsets.setdefault(dr.host, set()).update(s.name for s in dr.subsets)
+        for i, r in enumerate(vs.http):
+            for j, d in enumerate(r.destinations):
+                path = f"spec.http[{i}].route[{j}].destination"
+                svc = self.services.get(d.host)
+                problem = None
+                if svc is None:
+                    problem = f"host {d.host} is not a known service (a Kubernetes Service or a ServiceEntry host)"
+                elif d.subset and d.subset not in subsets.get(d.host, ()):
+                    problem = f"subset {d.subset!r} of {d.host} is not defined by any DestinationRule"
+                elif d.port is not None and all(p.number != d.port for p in svc.ports):
+                    problem = f"{d.host} has no port {d.port}"
+                elif d.port is None and len(svc.ports) > 1 and d.host not in vs.hosts:
+                    problem = f"{d.host} has several ports: set port.number"
+                if problem is not None:
+                    self.problems.append(Problem("error", str(vs.meta), path, problem, vs.meta.origin))
+                    return False
+        return True
+
+    # -- scopes -------------------------------------------------------------------------------------
+
+    def scope(self, namespace: str, labels: Mapping[str, str]) -> Scope:
+        return namespace, tuple(sorted((k, v) for k, v in labels.items() if k in self.source_label_keys))
+
+    def config(self, namespace: str, labels: Mapping[str, str]) -> pb.SidecarConfig:
+        """The config (version set, node unset) of a sidecar in ``namespace`` with ``labels``. Cached by scope."""
+        key = self.scope(namespace, labels)
+        cfg = self._cache.get(key)
+        if cfg is None:
+            cfg = self._build(namespace, dict(key[1]))
+            cfg.version = version_of(cfg)
+            self._cache[key] = cfg
+        return cfg
+
+    def _pick(self, candidates: list, namespace: str, owner: str):
+        """Of the resources for one host, the one closest to the sidecar: its namespace, then the service's."""
+        visible = [c for c in candidates if _visible(c.export_to, c.meta.namespace, namespace, self.default_export_to)]
+        for ns in (namespace, owner):
+            for c in visible:
+                if c.meta.namespace == ns:
+                    return c
+        return visible[0] if visible else None
+
+    def _build(self, namespace: str, labels: dict[str, str]) -> pb.SidecarConfig:
+        cfg = pb.SidecarConfig()
+        listener = cfg.listeners.add(name="outbound", address=OUTBOUND_ADDRESS)
+        clusters: dict[str, pb.Cluster] = {}
+        used: set[str] = set()
+        for host in sorted(self.services):
+            svc = self.services[host]
+            if not _visible(svc.export_to, svc.meta.namespace, namespace, self.default_export_to):
+                continue
+            aliases = self._aliases(svc, namespace)
+            vs = self._pick(self.routes.get(host, []), namespace, svc.meta.namespace)
+            for port in svc.ports:
+                domains = [f"{a}:{port.number}" for a in aliases]
+                if len(svc.ports) == 1:
+                    domains += aliases
+                domains = [d for d in domains if d not in used]
+                if not domains:
+                    continue
+                used.update(domains)
+                vh = listener.virtual_hosts.add(name=f"{host}:{port.number}", domains=domains)
+                if vs is None:
+                    route = vh.routes.add(name="default")
+                    route.match.prefix = "/"
+                    route.route.clusters.add(cluster=self._cluster(clusters, svc, port.number, namespace).name)
+                    continue
+                for i, r in enumerate(vs.http):
+                    self._routes(vh, vs, i, r, svc, port.number, namespace, labels, clusters)
+        cfg.clusters.extend(clusters[name] for name in sorted(clusters))
+        return cfg
+
+    def _aliases(self, svc: Service, namespace: str) -> list[str]:
+        if not svc.kubernetes:
+            return [svc.host]
+        name, ns = svc.meta.name, svc.meta.namespace
+        short = [f"{name}.{ns}.svc", f"{name}.{ns}"] + ([name] if ns == namespace else [])
+        return [svc.host, *short]
+
+    def _cluster(self, clusters: dict[str, pb.Cluster], svc: Service, port: int, namespace: str) -> pb.Cluster:
+        name = cluster_name(svc.host, port)
+        c = clusters.get(name)
+        if c is not None:
+            return c
+        c = pb.Cluster(name=name)
+        for e in svc.endpoints.get(port, []):
+            ep = c.endpoints.add(address=_endpoint_address(e.address, e.port), weight=e.weight)
+            ep.labels.update(e.labels)
+        dr = self._pick(self.rules.get(svc.host, []), namespace, svc.meta.namespace)
+        if dr is not None:
+            for s in dr.subsets:
+                c.subsets.add(name=s.name).labels.update(s.labels)
+            c.lb_policy = _LB[dr.lb_policy]
+            c.hash_header = dr.hash_header
+            if dr.connect_timeout is not None:
+                c.connect_timeout.CopyFrom(_duration(dr.connect_timeout))
+            if dr.idle_timeout is not None:
+                c.idle_timeout.CopyFrom(_duration(dr.idle_timeout))
+            if dr.max_streams_per_connection is not None:
+                c.max_concurrent_streams_per_connection = dr.max_streams_per_connection
+            if dr.retry_budget is not None:
+                c.retry_budget.CopyFrom(_budget(dr.retry_budget))
+        clusters[name] = c
+        return c
+
+    def _routes(
+        self,
+        vh: pb.VirtualHost,
+        vs: VirtualService,
+        index: int,
+        r: HttpRoute,
+        svc: Service,
+        port: int,
+        namespace: str,
+        labels: dict[str, str],
+        clusters: dict[str, pb.Cluster],
+    ) -> None:
+        base = f"{vs.meta.namespace}/{vs.meta.name}/{r.name or index}"
+        matches: list[Match | None] = list(r.matches) or [None]
+        for j, m in enumerate(matches):
+            if m is not None and not self._applies(m, port, namespace, labels):
+                continue
+            route = vh.routes.add(name=base if len(matches) == 1 else f"{base}/{j}")
+            if m is not None:
+                _match(route.match, m)
+            if r.timeout is not None:
+                route.timeout.CopyFrom(_duration(r.timeout))
+            if r.retries is not None:
+                _retry_policy(route.retry_policy, r.retries)
+            if r.direct_status is not None:
+                route.direct_response.status = r.direct_status
+                route.direct_response.body = r.direct_body
+                continue
+            missing = self._set_destinations(route, r.destinations, svc, port, namespace, clusters)
+            if missing:
+                # Envoy's answer to a route whose cluster does not exist (NC): an honest 503 for
+                # this sidecar, which cannot see that subset's DestinationRule.
+                route.ClearField("route")
+                route.direct_response.status = 503
+                route.direct_response.body = missing
+                continue
+            if r.rewrite_uri and m is not None and m.uri is not None:
+                route.route.prefix_rewrite = r.rewrite_uri
+            if r.rewrite_authority:
+                route.route.authority_rewrite = r.rewrite_authority
+
+    @staticmethod
+    def _applies(m: Match, port: int, namespace: str, labels: dict[str, str]) -> bool:
+        if m.port is not None and m.port != port:
+            return False
+        if m.source_namespace and m.source_namespace != namespace:
+            return False
+        return all(labels.get(k) == v for k, v in m.source_labels.items())
+
+    def _set_destinations(
+        self,
+        route: pb.Route,
+        destinations: tuple[Destination, ...],
+        svc: Service,
+        port: int,
+        namespace: str,
+        clusters: dict[str, pb.Cluster],
+    ) -> str:
+        """Fill the route's split; return why it cannot be (a subset this sidecar cannot see), or ""."""
+        for d in destinations:
+            target = self.services[d.host]
+            tport = d.port or (port if d.host == svc.host else target.ports[0].number)
+            c = self._cluster(clusters, target, tport, namespace)
+            if d.subset and all(s.name != d.subset for s in c.subsets):
+                return f"no subset {d.subset} of {d.host} is visible from namespace {namespace}"
+            route.route.clusters.add(cluster=c.name, subset=d.subset, weight=d.weight)
+        return ""
+
+
+def _match(out: pb.RouteMatch, m: Match) -> None:
+    if m.uri is not None:
+        setattr(out, {"exact": "path", "prefix": "prefix", "regex": "regex"}[m.uri.kind], m.uri.value)
+    if m.grpc_service:
+        out.grpc.service = m.grpc_service
+        out.grpc.method = m.grpc_method
+    for h in m.headers:
+        hm = out.headers.add(name=h.name, invert=h.invert)
+        if h.match is None:
+            hm.present = True
+        else:
+            setattr(hm, h.match.kind, h.match.value)
+    out.method = m.method
+
+
+def _budget(b: RetryBudget) -> pb.RetryBudget:
+    out = pb.RetryBudget()
+    if b.ratio is not None:
+        out.retry_ratio = b.ratio
+    if b.min_per_second is not None:
+        out.min_retries_per_second = b.min_per_second
+    if b.ttl is not None:
+        out.ttl.CopyFrom(_duration(b.ttl))
+    return out
+
+
+def _retry_policy(out: pb.RetryPolicy, r: Retries) -> None:
+    out.num_retries = r.attempts
+    if r.per_try_timeout is not None:
+        out.per_try_timeout.CopyFrom(_duration(r.per_try_timeout))
+    out.retry_on.extend(r.retry_on)
+    if r.budget is not None:
+        out.budget.CopyFrom(_budget(r.budget))
