@@ -1,10 +1,22 @@
 """The ``meshproxy`` command: ``meshproxy run`` starts a sidecar.
 
-``--config FILE`` takes the YAML (or JSON) form of ``meshproxy.v1.SidecarConfig``;
-``--listen ADDR --upstream ADDR`` is the one-cluster, route-everything
-shortcut. SIGHUP reads ``--config`` again and swaps it in (listeners stay as
-they were); a bad file is refused with its reason, the config in force stays.
-``--concurrency N`` forks N workers sharing the listeners with SO_REUSEPORT.
+Where the config comes from, one of:
+
+- ``--config FILE``: the YAML (or JSON) form of ``meshproxy.v1.SidecarConfig``.
+  SIGHUP reads it again and swaps it in (listeners stay as they were); a bad
+  file is refused with its reason, the config in force stays.
+- ``--listen ADDR --upstream ADDR``: the one-cluster, route-everything shortcut.
+- ``--control-plane ADDR --namespace NS --workload NAME [--node-id ID]
+  [--labels k=v,...] [--listen ADDR]``: subscribe to the control plane's
+  config stream (``meshproxy.subscription``). Listeners are bound when the
+  first snapshot arrives; later snapshots are swapped in (listeners
+  re-bound), bad ones NACKed; while the control plane is unreachable the
+  sidecar serves on its last good config and reconnects with backoff.
+  ``--listen`` (default 127.0.0.1:15001) is the address of the snapshot's
+  listener named ``outbound``, whatever the snapshot says. SIGHUP is ignored.
+
+``--concurrency N`` forks N workers sharing the listeners with SO_REUSEPORT
+(with a control plane, each worker holds its own stream, as worker 0..N-1).
 SIGTERM drains: GOAWAY, in-flight streams finish up to ``--drain-timeout``, exit 0.
 Bad flags or config: one line on stderr, exit 2.
 """
@@ -16,13 +28,24 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import signal
+import socket
 import sys
 from typing import Any, NoReturn
 
 __all__ = ["main"]
 
 log = logging.getLogger("meshproxy")
+
+#: The outbound listener's address in control-plane mode when --listen is not given (Istio's port).
+DEFAULT_OUTBOUND = "127.0.0.1:15001"
+
+# Kubernetes' syntax: a label name or value (63 characters at most) and a DNS-1123 subdomain
+# (a label key's prefix, a workload name; 253 at most) or label (a namespace; 63 at most).
+_LABEL_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -65,14 +88,80 @@ def _seconds(value: str) -> float:
     return s
 
 
+def _label_key(key: str) -> None:
+    prefix, slash, name = key.rpartition("/")
+    if slash and (len(prefix) > 253 or not _DNS_SUBDOMAIN.fullmatch(prefix)):
+        raise argparse.ArgumentTypeError(f"label key {key!r}: the prefix must be a lowercase DNS subdomain")
+    if len(name) > 63 or not _LABEL_NAME.fullmatch(name):
+        raise argparse.ArgumentTypeError(
+            f"label key {key!r}: the name must be 1-63 letters, digits, '-', '_' or '.', "
+            "starting and ending with a letter or digit"
+        )
+
+
+def _labels(value: str) -> dict[str, str]:
+    """``k=v,k2=v2`` -> a dict, each key and value checked as Kubernetes checks labels."""
+    labels: dict[str, str] = {}
+    for item in value.split(","):
+        key, eq, val = item.partition("=")
+        if not eq:
+            raise argparse.ArgumentTypeError(f"{item!r} is not key=value")
+        _label_key(key)
+        if len(val) > 63 or (val and not _LABEL_NAME.fullmatch(val)):
+            raise argparse.ArgumentTypeError(
+                f"label {key}: value {val!r} must be at most 63 letters, digits, '-', '_' or '.', "
+                "starting and ending with a letter or digit"
+            )
+        if key in labels:
+            raise argparse.ArgumentTypeError(f"label {key!r} is given twice")
+        labels[key] = val
+    return labels
+
+
+def _namespace(value: str) -> str:
+    if len(value) > 63 or not _DNS_LABEL.fullmatch(value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a Kubernetes namespace name (a lowercase DNS label)")
+    return value
+
+
+def _workload(value: str) -> str:
+    if len(value) > 253 or not _DNS_SUBDOMAIN.fullmatch(value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a Kubernetes name (a lowercase DNS subdomain)")
+    return value
+
+
+def _node_id(value: str) -> str:
+    if not value or any(c.isspace() for c in value):
+        raise argparse.ArgumentTypeError(f"{value!r}: a node id is one word")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="meshproxy", description="meshproxy: the sidecar of a service mesh for Kubernetes")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = sub.add_parser("run", help="run a sidecar", description="Run a meshproxy sidecar.")
     src = run.add_mutually_exclusive_group()
     src.add_argument("--config", metavar="FILE", help="sidecar config (YAML or JSON of meshproxy.v1.SidecarConfig)")
-    src.add_argument("--listen", metavar="ADDR", type=_bind_address, help="listen address (with --upstream)")
+    src.add_argument(
+        "--listen",
+        metavar="ADDR",
+        type=_bind_address,
+        help="listen address (with --upstream); with --control-plane, the outbound listener's "
+        f"(default {DEFAULT_OUTBOUND})",
+    )
     run.add_argument("--upstream", metavar="ADDR", type=_address, help="the one upstream, h2c (with --listen)")
+    run.add_argument(
+        "--control-plane", metavar="ADDR", type=_address, help="take the config from the control plane at host:port"
+    )
+    run.add_argument(
+        "--node-id",
+        metavar="ID",
+        type=_node_id,
+        help="this sidecar's node id (with --control-plane; default: hostname)",
+    )
+    run.add_argument("--namespace", metavar="NS", type=_namespace, help="this pod's namespace (with --control-plane)")
+    run.add_argument("--workload", metavar="NAME", type=_workload, help="this pod's workload (with --control-plane)")
+    run.add_argument("--labels", metavar="K=V,...", type=_labels, help="this pod's labels (with --control-plane)")
     run.add_argument(
         "--admin",
         metavar="ADDR",
@@ -108,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
 def load_config(args: argparse.Namespace) -> Any:
     from meshproxy import config
 
+    for flag in ("node_id", "namespace", "workload", "labels"):
+        if getattr(args, flag) is not None:
+            raise config.ConfigError(f"--{flag.replace('_', '-')} goes with --control-plane")
     if args.config:
         if args.upstream:
             raise config.ConfigError("--upstream goes with --listen, not with --config")
@@ -115,12 +207,36 @@ def load_config(args: argparse.Namespace) -> Any:
     elif args.listen and args.upstream:
         cfg = config.simple(args.listen, args.upstream)
     else:
-        raise config.ConfigError("give --config FILE, or --listen ADDR with --upstream ADDR")
+        raise config.ConfigError(
+            "give --config FILE, --listen ADDR with --upstream ADDR, or --control-plane ADDR with its node flags"
+        )
     config.validate(cfg)
     return cfg
 
 
-def _run_worker(cfg: Any, args: argparse.Namespace) -> int:
+def control_plane_node(args: argparse.Namespace) -> Any:
+    """The ``meshproxy.v1.Node`` this sidecar subscribes as (``--control-plane`` mode)."""
+    from meshproxy import config
+
+    if args.config:
+        raise config.ConfigError("--control-plane and --config are alternatives: give one")
+    if args.upstream:
+        raise config.ConfigError("--upstream goes with --listen, not with --control-plane")
+    for flag in ("namespace", "workload"):
+        if not getattr(args, flag):
+            raise config.ConfigError(f"--control-plane needs --{flag}")
+    if args.concurrency > 1 and config.parse_address(args.listen or DEFAULT_OUTBOUND, listener=True)[1] == 0:
+        raise config.ConfigError("--listen: port 0 cannot be shared by several workers")
+    return config.Node(
+        id=args.node_id or socket.gethostname(),
+        namespace=args.namespace,
+        workload=args.workload,
+        labels=args.labels or {},
+    )
+
+
+def _run_worker(cfg: Any, args: argparse.Namespace, index: int = 0, node: Any = None) -> int:
+    """One worker: ``cfg`` is the config, or None with ``node`` to take it from the control plane."""
     import uvloop
 
     from meshproxy.worker import Worker
@@ -136,10 +252,28 @@ def _run_worker(cfg: Any, args: argparse.Namespace) -> int:
         print(f"meshproxy: error: cannot listen: {e.strerror or e}", file=sys.stderr)
         return 1
     worker.install_signals()
-    if args.config:
-        loop.add_signal_handler(signal.SIGHUP, _reload, worker, args.config)
-    log.info("listening on %s", ", ".join(f"{h}:{p}" for h, p in worker.bound_addresses()))
+    subscription = None
+    if node is not None:
+        from meshproxy.subscription import Subscription
+
+        subscription = Subscription(
+            worker,
+            args.control_plane,
+            node,
+            worker_index=index,
+            listen=args.listen or DEFAULT_OUTBOUND,
+            shared_ports=args.concurrency > 1,
+        )
+        worker.on_drain.append(subscription.stop)
+        subscription.start()
+        loop.add_signal_handler(signal.SIGHUP, log.warning, "SIGHUP ignored: the config comes from the control plane")
+    else:
+        if args.config:
+            loop.add_signal_handler(signal.SIGHUP, _reload, worker, args.config)
+        log.info("listening on %s", ", ".join(f"{h}:{p}" for h, p in worker.bound_addresses()))
     loop.run_until_complete(worker.wait_stopped())
+    if subscription is not None:
+        loop.run_until_complete(subscription.wait_closed())
     loop.close()
     return 0
 
@@ -157,23 +291,23 @@ def _reload(worker: Any, path: str) -> None:
     log.warning("config version %r in force", cfg.version)
 
 
-def _supervise(cfg: Any, args: argparse.Namespace) -> int:
+def _supervise(cfg: Any, args: argparse.Namespace, node: Any = None) -> int:
     """Fork ``--concurrency`` workers; forward SIGTERM/SIGINT; exit 0 if they all did."""
     children = []
-    for _ in range(args.concurrency):
+    for index in range(args.concurrency):
         pid = os.fork()
         if pid == 0:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             code = 1
             try:
-                code = _run_worker(cfg, args)
+                code = _run_worker(cfg, args, index, node)
             finally:
                 os._exit(code)
         children.append(pid)
 
     def forward(signum: int, _frame: Any) -> None:
-        # SIGTERM and SIGINT drain every worker; SIGHUP makes each re-read the config.
+        # SIGTERM and SIGINT drain every worker; SIGHUP makes each re-read the config (or log that it will not).
         sig = signal.SIGHUP if signum == signal.SIGHUP else signal.SIGTERM
         for pid in children:
             with contextlib.suppress(ProcessLookupError):
@@ -196,12 +330,17 @@ def main(argv: list[str] | None = None) -> int:
     from meshproxy.config import ConfigError
 
     try:
-        cfg = load_config(args)
+        if args.control_plane:
+            node, cfg = control_plane_node(args), None
+        else:
+            node, cfg = None, load_config(args)
     except ConfigError as e:
         print(f"meshproxy: error: {e}", file=sys.stderr)
         return 2
     if args.concurrency == 1:
-        return _run_worker(cfg, args)
+        return _run_worker(cfg, args, 0, node)
+    if node is not None:
+        return _supervise(None, args, node)
     for ls in cfg.listeners:
         if ls.address.endswith(":0"):
             print(f"meshproxy: error: listener {ls.name}: port 0 cannot be shared by several workers", file=sys.stderr)

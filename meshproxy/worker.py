@@ -7,6 +7,14 @@ a ``meshproxy.v1.SidecarConfig`` and swaps it in with a single assignment,
 keeping the live connections of endpoints that are still there. A request
 uses the runtime it was routed with until it ends.
 
+``reconfigure()`` does the same and also brings the listeners in line with
+the new config (the control plane's snapshots): new addresses are bound
+before anything changes, so a port that cannot be bound refuses the whole
+config; listeners that went away (or moved) stop accepting and tell their
+connections to go away, and the streams in flight on them finish. In
+control-plane mode a worker starts with no config at all and binds its
+first listeners from the first snapshot.
+
 With ``--concurrency N`` the supervisor in ``meshproxy.cli`` forks N of
 these; each binds the listeners with SO_REUSEPORT so the kernel spreads
 connections across them, as Envoy's workers do.
@@ -23,7 +31,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from meshproxy.config import parse_address
+from meshproxy.config import ConfigError, parse_address
 from meshproxy.conn import h2conn as h2
 from meshproxy.downstream import Deadlines, DownstreamProtocol, Request
 from meshproxy.routing import RouteTable
@@ -81,22 +89,54 @@ class Runtime:
         self.listener_settings = {ls.name: _listener_settings(ls) for ls in config.listeners}
 
 
-class Worker:
-    """Runs the sidecar's listeners on one event loop."""
+def _bind(address: str) -> socket.socket:
+    """A listening socket on ``address``, bound now (OSError if it cannot be) and shared with
+    the other workers (SO_REUSEPORT)."""
+    host, port = parse_address(address, listener=True)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
-    def __init__(self, config: Any, loop: asyncio.AbstractEventLoop, drain_timeout: float = 10.0) -> None:
+
+def _close_servers(servers: dict[str, tuple[str, asyncio.AbstractServer]]) -> None:
+    for _, server in servers.values():
+        server.close()
+
+
+class Worker:
+    """Runs the sidecar's listeners on one event loop.
+
+    ``config`` None: no config yet (control-plane mode); ``start()`` binds
+    nothing and the first ``reconfigure()`` binds the listeners.
+    """
+
+    def __init__(self, config: Any | None, loop: asyncio.AbstractEventLoop, drain_timeout: float = 10.0) -> None:
         self.loop = loop
         self.outbox = h2.Outbox()
-        self.runtime = Runtime(config)
+        self.runtime: Runtime | None = Runtime(config) if config is not None else None
         self.deadlines = Deadlines(self)
         self.downstreams: set[DownstreamProtocol] = set()
         self.upstreams: set[UpstreamProtocol] = set()
-        self.servers: list[asyncio.base_events.Server] = []
+        # The bound listeners by name: (the address as configured, its server).
+        self.listeners: dict[str, tuple[str, asyncio.AbstractServer]] = {}
         self.draining = False
         self.drain_timeout = drain_timeout
         self.upstream_settings = {"initial_window_size": 1 << 20, "connection_window": 4 << 20}
         # Completion hooks (metrics, access logs): called once per request as it ends.
         self.on_complete: list[Callable[[Request], None]] = []
+        # Called once when the drain begins (the control-plane subscription stops there).
+        self.on_drain: list[Callable[[], None]] = []
         self._stopped = loop.create_future()
         self._sweeper: asyncio.TimerHandle | None = None
 
@@ -107,12 +147,82 @@ class Worker:
 
         Endpoints still present keep their connections; requests in flight
         finish on the config they were routed with. Listeners are not
-        re-bound: a change of listener addresses needs a restart. Raises
-        ConfigError (and changes nothing) if the routes cannot be compiled.
+        re-bound (``--config`` and SIGHUP: a change of listener addresses
+        needs a restart; ``reconfigure`` re-binds). Raises ConfigError (and
+        changes nothing) if the routes cannot be compiled.
         """
         self.runtime = Runtime(config, self.runtime)
 
+    async def reconfigure(self, config: Any) -> None:
+        """Swap in a new config (validated), listeners included.
+
+        Listeners whose name and address are unchanged keep their socket and
+        connections. New or moved ones are bound first: if one cannot be, or
+        the routes cannot be compiled, ConfigError is raised and nothing has
+        changed. Then the runtime is swapped (as ``apply``), the new
+        listeners start accepting, and the ones removed or moved stop
+        accepting and send GOAWAY to their connections, whose streams in
+        flight finish.
+        """
+        old = self.listeners
+        opened: dict[str, tuple[str, asyncio.AbstractServer]] = {}
+        try:
+            for i, ls in enumerate(config.listeners):
+                if old.get(ls.name, ("",))[0] == ls.address:
+                    continue
+                try:
+                    opened[ls.name] = (ls.address, await self._open(ls))
+                except OSError as e:
+                    raise ConfigError(
+                        f"listeners[{i}].address", f"cannot listen on {ls.address}: {e.strerror or e}"
+                    ) from None
+            # Last: building the runtime takes over the endpoints (and connections) of the old one.
+            runtime = Runtime(config, self.runtime)
+        except BaseException:
+            _close_servers(opened)
+            raise
+        self.runtime = runtime
+        self.listeners = {ls.name: opened.get(ls.name) or old[ls.name] for ls in config.listeners}
+        retired = {name: entry for name, entry in old.items() if self.listeners.get(name) is not entry}
+        # Not accepting until now: a connection accepted earlier would have been
+        # given the old runtime's settings and routes.
+        for _, server in opened.values():
+            await server.start_serving()
+        for name, (address, server) in retired.items():
+            self._retire(name, address, server)
+        if opened:
+            log.info("listening on %s", ", ".join(f"{h}:{p}" for h, p in self.bound_addresses()))
+
+    async def _open(self, ls: Any) -> asyncio.AbstractServer:
+        """Listener ``ls``'s server, bound (OSError if it cannot be) but not accepting yet."""
+        sock = _bind(ls.address)
+        try:
+            return await self.loop.create_server(
+                lambda name=ls.name: DownstreamProtocol(self, name), sock=sock, backlog=1024, start_serving=False
+            )
+        except BaseException:
+            sock.close()
+            raise
+
+    def _retire(self, name: str, address: str, server: asyncio.AbstractServer) -> None:
+        """Stop accepting on a listener that left the config (or moved), and send GOAWAY to the
+        connections it accepted: their streams in flight finish, new ones go elsewhere."""
+        bound = [sock.getsockname()[:2] for sock in server.sockets]
+        server.close()
+        log.info("listener %s on %s removed", name, address)
+        for p in list(self.downstreams):
+            if p.listener != name or p.transport is None:
+                continue
+            local = p.transport.get_extra_info("sockname")
+            if local is None or not any(_accepted_on(local, b) for b in bound):
+                continue
+            events = p.conn.shutdown()
+            if events is not None:
+                p._events(events)
+        self.outbox.flush()
+
     def downstream_settings(self, listener: str) -> dict[str, int]:
+        # Connections are accepted only once a runtime is in force.
         return self.runtime.listener_settings.get(listener, {})
 
     # -- requests -------------------------------------------------------------
@@ -143,17 +253,17 @@ class Worker:
         gc.collect()
         gc.freeze()
         gc.set_threshold(50_000, 50, 100)
-        for ls in self.runtime.config.listeners:
-            host, port = parse_address(ls.address, listener=True)
-            server = await self.loop.create_server(
-                lambda name=ls.name: DownstreamProtocol(self, name),
-                host=host,
-                port=port,
-                reuse_port=True,
-                backlog=1024,
-                family=socket.AF_INET6 if ":" in host else socket.AF_INET,
-            )
-            self.servers.append(server)
+        if self.runtime is not None:
+            opened: dict[str, tuple[str, asyncio.AbstractServer]] = {}
+            try:
+                for ls in self.runtime.config.listeners:
+                    opened[ls.name] = (ls.address, await self._open(ls))
+            except BaseException:
+                _close_servers(opened)
+                raise
+            self.listeners = opened
+            for _, server in opened.values():
+                await server.start_serving()
         self._sweeper = self.loop.call_later(1.0, self._sweep)
 
     def _sweep(self) -> None:
@@ -165,7 +275,7 @@ class Worker:
 
     def bound_addresses(self) -> list[tuple[str, int]]:
         out = []
-        for server in self.servers:
+        for _, server in self.listeners.values():
             for sock in server.sockets:
                 out.append(sock.getsockname()[:2])
         return out
@@ -180,8 +290,9 @@ class Worker:
             return
         self.draining = True
         log.info("draining %d connections (deadline %.1fs)", len(self.downstreams), self.drain_timeout)
-        for server in self.servers:
-            server.close()
+        for hook in self.on_drain:
+            hook()
+        _close_servers(self.listeners)
         for p in list(self.downstreams):
             events = p.conn.shutdown()
             if events is not None:
@@ -208,6 +319,12 @@ class Worker:
 
     async def wait_stopped(self) -> None:
         await self._stopped
+
+
+def _accepted_on(local: tuple, bound: tuple[str, int]) -> bool:
+    """Whether a connection whose local address is ``local`` came in on a socket bound to ``bound``."""
+    host, port = bound
+    return local[1] == port and (host in ("0.0.0.0", "::") or local[0] == host)
 
 
 now_ns = h2.monotonic_ns

@@ -1,5 +1,5 @@
 """Real processes on loopback for the integration tests: free ports, readiness, the sidecar
-under test (or nghttpx standing in for it), its sockets, and the gRPC interop protos."""
+under test (or nghttpx standing in for it), its sockets, a one-shot h2c GET, and the gRPC interop protos."""
 
 from __future__ import annotations
 
@@ -148,7 +148,11 @@ class Sidecar:
     ``python -m meshproxy run --listen ... --upstream ... --admin ... --metrics ...`` on free
     ports; ``Sidecar(config_file=path, listen_port=p)`` runs ``python -m meshproxy run --config
     path`` and waits for ``p`` (``upstream`` then only tells ``upstream_connections`` which
-    port to count). ``extra_args`` are appended to meshproxy's command line.
+    port to count). ``Sidecar(control_plane="127.0.0.1:15010")`` runs ``python -m meshproxy run
+    --control-plane ... --listen ...``: it is ready once the control plane's first snapshot has
+    been applied (the outbound listener is on ``listen_port``); the node flags (``--namespace``,
+    ``--workload``...) go in ``extra_args``. ``extra_args`` are appended to meshproxy's command line.
+    ``launch()`` starts the process without waiting for it to listen; ``wait_ready()`` waits.
 
     With ``MESHPROXY_TEST_PROXY=nghttpx`` nghttpx stands in (h2c in, h2c out, one worker); it
     drains on SIGQUIT (SIGTERM is its immediate stop), and it knows neither ``config_file``
@@ -160,6 +164,7 @@ class Sidecar:
         upstream: str | tuple[str, int] | None = None,
         *,
         config_file: str | os.PathLike[str] | None = None,
+        control_plane: str | None = None,
         listen_port: int | None = None,
         extra_args: Iterable[str] = (),
         env: dict[str, str] | None = None,
@@ -167,8 +172,8 @@ class Sidecar:
         startup_timeout: float = 20.0,
         stop_timeout: float = 5.0,
     ) -> None:
-        if upstream is None and config_file is None:
-            raise ValueError("give upstream, or config_file (and upstream only to count its connections)")
+        if upstream is None and config_file is None and control_plane is None:
+            raise ValueError("give upstream, config_file or control_plane (and upstream only to count its connections)")
         if config_file is not None and listen_port is None:
             raise ValueError("with config_file, listen_port must say where the config listens")
         self.proxy = proxy or os.environ.get(PROXY_ENV) or "meshproxy"
@@ -177,6 +182,7 @@ class Sidecar:
         self.host = HOST
         self.upstream = _split(upstream) if upstream is not None else None
         self.config_file = Path(config_file) if config_file is not None else None
+        self.control_plane = control_plane
         self.listen_port = listen_port or free_port()
         self.admin_port = free_port()
         self.metrics_port = free_port()
@@ -199,10 +205,10 @@ class Sidecar:
 
     def argv(self) -> list[str]:
         if self.proxy == "nghttpx":
-            if self.config_file is not None:
+            if self.config_file is not None or self.control_plane is not None:
                 import pytest
 
-                pytest.skip(f"config_file needs meshproxy, not the {PROXY_ENV}=nghttpx stand-in")
+                pytest.skip(f"config_file and control_plane need meshproxy, not the {PROXY_ENV}=nghttpx stand-in")
             assert self.upstream is not None
             uhost, uport = self.upstream
             return [
@@ -216,6 +222,8 @@ class Sidecar:
         argv = [sys.executable, "-m", "meshproxy", "run"]
         if self.config_file is not None:
             argv += ["--config", str(self.config_file)]
+        elif self.control_plane is not None:
+            argv += ["--control-plane", self.control_plane, "--listen", self.address]
         else:
             assert self.upstream is not None
             uhost, uport = self.upstream
@@ -224,7 +232,16 @@ class Sidecar:
         return argv + self.extra_args
 
     def start(self) -> Sidecar:
+        self.launch()
+        return self.wait_ready()
+
+    def launch(self) -> Sidecar:
+        """Start the process; ``wait_ready()`` waits for its listen port."""
         self.process = Process(self.argv(), name=self.proxy, env=self.env)
+        return self
+
+    def wait_ready(self) -> Sidecar:
+        assert self.process is not None, "sidecar not launched"
         try:
             wait_listening(self.host, self.listen_port, self.startup_timeout, alive=self.process.alive)
         except (TimeoutError, RuntimeError) as exc:
@@ -478,6 +495,43 @@ class H2CaptureServer(ThreadedServer):
                     elif isinstance(event, h2.events.ConnectionTerminated):
                         return
                 conn.sendall(h2conn.data_to_send())
+
+
+def h2_get(address: str | tuple[str, int], path: str, timeout: float = 10.0) -> tuple[int, bytes]:
+    """One plain HTTP/2 (h2c) GET of ``path`` on a connection of its own: ``(status, body)``.
+    TimeoutError after ``timeout`` seconds, ConnectionError if the stream is reset or the
+    connection closes first."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    deadline = time.monotonic() + timeout
+    with socket.create_connection(_split(address), timeout=timeout) as sock:
+        conn.initiate_connection()
+        headers = [(":method", "GET"), (":scheme", "http"), (":authority", "test"), (":path", path)]
+        conn.send_headers(1, headers, end_stream=True)
+        sock.sendall(conn.data_to_send())
+        status, body = 0, bytearray()
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"GET {path}: no complete response within {timeout}s")
+            sock.settimeout(left)
+            data = sock.recv(65536)
+            if not data:
+                raise ConnectionError(f"GET {path}: the connection closed before the response ended")
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    status = int(dict(event.headers)[":status"])
+                elif isinstance(event, h2.events.DataReceived):
+                    body += event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, h2.events.StreamEnded):
+                    return status, bytes(body)
+                elif isinstance(event, h2.events.StreamReset):
+                    raise ConnectionError(f"GET {path}: stream reset with error code {event.error_code}")
+            sock.sendall(conn.data_to_send())
 
 
 def grpc_timeout_seconds(value: str) -> float:
