@@ -141,14 +141,18 @@ async def _kubernetes(args: argparse.Namespace, store, loop: asyncio.AbstractEve
     from control.leader import LeaderElector
     from control.sources.kube import KubeSource
 
+    configuration = client.Configuration()
     try:
         if args.kubeconfig:
-            api = config.new_client_from_config(config_file=args.kubeconfig)
+            config.load_kube_config(config_file=args.kubeconfig, client_configuration=configuration)
         else:
-            config.load_incluster_config()
-            api = client.ApiClient()
-    except config.ConfigException as e:
+            config.load_incluster_config(client_configuration=configuration)
+    except (config.ConfigException, OSError) as e:
         raise SystemExit(f"meshproxy-control: error: no Kubernetes credentials: {e}") from None
+    # One pooled connection per watch (about 20 kinds) plus the lease: the default pool
+    # (5 per CPU) would drop and reopen connections.
+    configuration.connection_pool_maxsize = 32
+    api = client.ApiClient(configuration)
     source = KubeSource(store, api, namespace=args.watch_namespace)
     source.start()
     # The first configs should reflect the whole cluster, not whatever the first lists returned.

@@ -12,10 +12,12 @@ import copy
 import datetime
 import json
 import re
+import socket
 import threading
 import time
 import urllib.parse
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -47,7 +49,7 @@ class ResourceType:
 BUILTIN_TYPES = (
     ResourceType("", "v1", "namespaces", "Namespace", False, builtin=True),
     ResourceType("", "v1", "pods", "Pod", True, builtin=True, return_deleted_object=True),
-    ResourceType("", "v1", "services", "Service", True, builtin=True),
+    ResourceType("", "v1", "services", "Service", True, builtin=True, return_deleted_object=True),
     ResourceType("", "v1", "secrets", "Secret", True, builtin=True),
     ResourceType("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice", True, builtin=True),
     ResourceType("coordination.k8s.io", "v1", "leases", "Lease", True, builtin=True),
@@ -214,6 +216,20 @@ def json_patch(doc: Any, ops: list) -> Any:
 # ---- the store --------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Request:
+    """One HTTP request as the fake received it, for tests that count calls or inject faults."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+
+    @property
+    def is_watch(self) -> bool:
+        return self.query.get("watch") in ("1", "true")
+
+
 @dataclass
 class _Event:
     rv: int
@@ -226,7 +242,11 @@ class _Event:
 class FakeKube:
     """The store and its HTTP front end. Use as a context manager, or call start()/stop().
 
-    Attributes after start(): host ("http://127.0.0.1:PORT"), port.
+    Attributes after start(): host ("http://127.0.0.1:PORT"), port. ``port`` may be chosen up front, so a test
+    can point a client at the fake before it listens.
+
+    ``requests`` records every HTTP request received. ``fault``, when set, is called with each one before it
+    is served; an ApiError it returns is the answer instead (a flaky or partitioned API server).
     """
 
     def __init__(
@@ -237,6 +257,7 @@ class FakeKube:
         bookmark_interval: float = 1.0,
         namespaces: tuple[str, ...] = ("default",),
         validate_version: str = KUBERNETES_VERSION,
+        port: int = 0,
     ) -> None:
         self._types: dict[tuple[str, str, str], ResourceType] = {}
         for rt in (*BUILTIN_TYPES, *custom_resources):
@@ -253,8 +274,11 @@ class FakeKube:
         self.validate_version = validate_version
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._connections: set[socket.socket] = set()
+        self.requests: list[Request] = []
+        self.fault: Callable[[Request], ApiError | None] | None = None
         self.host = ""
-        self.port = 0
+        self.port = port
         for ns in namespaces:
             self.create(self.type_of("", "v1", "namespaces"), None, {"metadata": {"name": ns}})
 
@@ -291,11 +315,13 @@ class FakeKube:
 
     def start(self) -> FakeKube:
         handler = type("_BoundHandler", (_Handler,), {"kube": self})
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", self.port), handler)
         self._httpd.daemon_threads = True
         self.port = self._httpd.server_address[1]
         self.host = f"http://127.0.0.1:{self.port}"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="fakekube", daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="fakekube", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -306,6 +332,15 @@ class FakeKube:
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
+            # kept-alive connections would go on being served by their handler threads: a stopped server
+            # must look gone to its clients, so reset them
+            with self._cond:
+                connections, self._connections = list(self._connections), set()
+            for conn in connections:
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
             self._thread.join(timeout=5)
             self._httpd = None
 
@@ -700,6 +735,16 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass
 
+    def setup(self) -> None:
+        super().setup()
+        with self.kube._cond:
+            self.kube._connections.add(self.connection)
+
+    def finish(self) -> None:
+        with self.kube._cond:
+            self.kube._connections.discard(self.connection)
+        super().finish()
+
     def do_GET(self) -> None:
         self._dispatch("GET")
 
@@ -736,8 +781,14 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         url = urllib.parse.urlsplit(self.path)
         query = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query, keep_blank_values=True).items()}
+        request = Request(method, url.path, query, dict(self.headers.items()))
+        with self.kube._cond:
+            self.kube.requests.append(request)
         try:
             body = self._body() if method in ("POST", "PUT", "PATCH", "DELETE") else None
+            fault = self.kube.fault
+            if fault is not None and (error := fault(request)) is not None:
+                raise error
             if url.path == "/version" and method == "GET":
                 major, minor, _ = self.kube.validate_version.split(".")
                 return self._send_json(200, {"major": major, "minor": minor, "gitVersion": f"v{major}.{minor}.0-fake"})

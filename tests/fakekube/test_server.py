@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 import urllib.request
 
 import pydantic
 import pytest
+import urllib3
 
 kubernetes = pytest.importorskip("kubernetes")
 from kubernetes import client, watch  # noqa: E402
 from kubernetes.client.rest import ApiException  # noqa: E402
 
-from tests.fakekube import FakeKube, ResourceType, parse_label_selector  # noqa: E402
+from tests.fakekube import ApiError, FakeKube, Request, ResourceType, parse_label_selector  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -464,3 +466,32 @@ def test_custom_resource_update_rules(api_client):
             *args, "r", {"spec": {}}, _content_type="application/strategic-merge-patch+json"
         )
     assert err.value.status == 415
+
+
+def test_chosen_port_request_log_faults_and_stop():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with FakeKube(port=port) as fake:
+        assert fake.host == f"http://127.0.0.1:{port}"
+        core = client.CoreV1Api(client.ApiClient(client.Configuration(host=fake.host)))
+
+        def flaky(req: Request) -> ApiError | None:
+            return ApiError(503, "ServiceUnavailable", "injected") if req.query.get("watch") else None
+
+        fake.fault = flaky
+        with pytest.raises(ApiException) as err:
+            next(iter(watch.Watch().stream(core.list_namespaced_pod, "default", timeout_seconds=1)))
+        assert err.value.status == 503
+        assert core.list_namespaced_pod("default", _request_timeout=REQUEST_TIMEOUT).items == []
+        fake.fault = None
+        assert [(r.method, r.path, r.is_watch) for r in fake.requests] == [
+            ("GET", "/api/v1/namespaces/default/pods", True),
+            ("GET", "/api/v1/namespaces/default/pods", False),
+        ]
+        assert fake.requests[0].headers["User-Agent"].startswith("OpenAPI-Generator")
+
+        # stop() also resets kept-alive connections: the client's pooled one must not go on being served
+        fake.stop()
+        with pytest.raises(urllib3.exceptions.HTTPError):
+            core.list_namespaced_pod("default", _request_timeout=REQUEST_TIMEOUT)
