@@ -1,6 +1,9 @@
 # make test: set everything up, then lint and run the whole suite (the codec,
 # balancer and connection suites a second time on the pure-Python twins).
-# make bench: run perf/. Both install the Debian packages the tests use, create
+# make bench: run perf/. make demo: the local mesh of examples/demo (control plane,
+# two versions of a gRPC service, a client and its sidecar), with a live traffic
+# split changed from 80/20 to 50/50 (DEMO_FOREVER=1: until Ctrl-C; DEMO_SECONDS=N:
+# seconds per split). All three install the Debian packages the tests use, create
 # .venv and build the Cython extensions on first use.
 
 VENV    := .venv
@@ -11,7 +14,7 @@ BUILD_INPUTS := pyproject.toml setup.py $(wildcard meshproxy/_fast/*.pyx meshpro
 # Real peers: h2load/nghttpd/nghttpx, wrk, and the gRPC interop protos.
 DEBIAN_PACKAGES := nghttp2-client nghttp2-server nghttp2-proxy wrk grpc-proto
 
-.PHONY: test lint bench install clean debs
+.PHONY: test lint bench demo install clean debs
 
 install: $(STAMP) debs
 
@@ -34,12 +37,17 @@ lint: $(STAMP)
 test: lint debs
 	$(PY) -m pytest -q
 	MESHPROXY_NO_EXTENSIONS=1 $(PY) -m pytest -q -m "codec or lb" tests/codec tests/lb
-	MESHPROXY_NO_EXTENSIONS=1 $(PY) -m pytest -q tests/integration/test_interop.py tests/integration/test_grpc_proxy.py
+	MESHPROXY_NO_EXTENSIONS=1 $(PY) -m pytest -q tests/integration/test_interop.py tests/integration/test_grpc_proxy.py \
+	    tests/integration/test_mesh.py
 
 bench: $(STAMP) debs
 	$(PY) perf/bench_codec.py
 	$(PY) perf/bench_lb.py
 	$(PY) perf/bench_proxy.py
+	$(PY) perf/bench_push.py
+
+demo: $(STAMP) debs
+	$(PY) examples/demo/run.py
 
 clean:
 	rm -rf build $(VENV) *.egg-info meshproxy/_fast/*.c meshproxy/_fast/*.so meshproxy/_fast/*.html
