@@ -60,7 +60,9 @@ def _files(paths: list[str]) -> list[Path | None]:
         if path.is_dir():
             from control.sources.files import SUFFIXES
 
-            out.extend(f for f in sorted(path.iterdir()) if f.suffix in SUFFIXES and not f.name.startswith("."))
+            out.extend(
+                f for f in sorted(path.iterdir()) if f.suffix in SUFFIXES and not f.name.startswith(".") and f.is_file()
+            )
         elif path.is_file():
             out.append(path)
         else:

@@ -68,11 +68,13 @@ API_VERSIONS: dict[str, frozenset[str]] = {
 _DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 _HOST = re.compile(r"(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _LABEL_KEY = re.compile(
     r"([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
 )
 _LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(h|m|s|ms|us|µs|ns)")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(h|ms|m|us|µs|ns|s)")
+_MAX_DURATION_S = 315_576_000_000  # google.protobuf.Duration's limit
 _DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
 _GRPC_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
@@ -132,6 +134,8 @@ def parse_duration(text: Any, path: str) -> float:
         pos = m.end()
     if pos != len(text):
         raise Invalid(path, f"expected a duration such as '1.5s' or '100ms', got {text!r}")
+    if total > _MAX_DURATION_S:
+        raise Invalid(path, f"{text!r} is longer than a protobuf Duration can be (10000 years)")
     return total
 
 
@@ -284,6 +288,8 @@ def _host(text: str, path: str, *, wildcard: bool = False) -> str:
         return host
     if not _HOST.fullmatch(host) or (host.startswith("*") and not wildcard):
         raise Invalid(path, f"{text!r} is not a host name")
+    if len(host) > 253 or any(len(label) > 63 for label in host.split(".")):
+        raise Invalid(path, f"{text!r} is not a host name (a label is over 63 characters, or the name over 253)")
     return host
 
 
@@ -494,7 +500,7 @@ def _string_match(spec: _Spec) -> StringMatch:
     value = spec.str(kind)
     if kind == "regex":
         try:
-            re.compile(value)
+            re.compile(value.encode())  # as the sidecar compiles it (meshproxy.config._checks._regex)
         except re.error as e:
             raise Invalid(spec.at(kind), f"invalid regex {value!r}: {e.msg}") from None
     return StringMatch(kind, value)
@@ -570,6 +576,8 @@ def _match(spec: _Spec) -> Match:
         if sm.kind != "exact":
             raise Invalid(m.path, "only an exact method match is supported")
         method = sm.value
+        if not _TOKEN.fullmatch(method):
+            raise Invalid(m.at("exact"), f"{method!r} is not an HTTP method")
     grpc_service = grpc_method = ""
     if (g := spec.spec("grpc")) is not None:
         g.fields(("service", "method"))
@@ -644,6 +652,8 @@ def _http_route(spec: _Spec, namespace: str, domain: str) -> HttpRoute:
     if (rw := spec.spec("rewrite")) is not None:
         rw.fields(("uri", "authority"), refused={"uriRegexRewrite": "regex rewrites are not supported"})
         rewrite_uri, rewrite_authority = rw.str("uri"), rw.str("authority")
+        if any(ch.isspace() or not ch.isprintable() for ch in rewrite_authority):
+            raise Invalid(rw.at("authority"), f"{rewrite_authority!r} is not an authority")
         if rewrite_uri:
             if not rewrite_uri.startswith("/"):
                 raise Invalid(rw.at("uri"), f"{rewrite_uri!r} must start with '/'")
@@ -787,8 +797,10 @@ def _ports(spec: _Spec, key: str, *, kubernetes: bool) -> tuple[Port, ...]:
             if protocol not in ("TCP", "UDP", "SCTP"):
                 raise Invalid(p.at("protocol"), f"must be TCP, UDP or SCTP, got {protocol!r}")
             target = p.get("targetPort")
-            if target is not None and not isinstance(target, int | str):
+            if (target is not None and not isinstance(target, int | str)) or isinstance(target, bool):
                 raise Invalid(p.at("targetPort"), f"expected a port number or name, got {_kind(target)}")
+            if isinstance(target, int):
+                p.int("targetPort", lo=1, hi=65535)
             if protocol != "TCP":
                 continue
             protocol = p.str("appProtocol")
@@ -846,12 +858,15 @@ def _service_entry(meta: Meta, spec: _Spec) -> list[Service]:
         for p in ports:
             target = overrides.get(p.name) or p.target_port or p.number
             endpoints[p.number].append(Endpoint(address, int(target), labels, weight))
+    export_to = _export_to(spec)
     if not spec.list("endpoints"):
         if resolution == "STATIC":
             raise Invalid(spec.at("endpoints"), "a STATIC ServiceEntry needs endpoints")
-        for p in ports:
-            endpoints[p.number] = [Endpoint(h, int(p.target_port or p.number)) for h in hosts]
-    export_to = _export_to(spec)
+        # DNS without endpoints: each host resolves to itself (not to every host of the entry).
+        return [
+            Service(meta, h, ports, export_to, {p.number: [Endpoint(h, int(p.target_port or p.number))] for p in ports})
+            for h in hosts
+        ]
     return [Service(meta, h, ports, export_to, {k: list(v) for k, v in endpoints.items()}) for h in hosts]
 
 
@@ -859,9 +874,14 @@ def _kube_service(meta: Meta, obj: dict, domain: str) -> Service | None:
     spec = _Spec(obj.get("spec") or {}, "spec", [])
     if spec.str("type") == "ExternalName":
         return None
+    if not _DNS1123_LABEL.fullmatch(meta.name):
+        # The name becomes a host (name.namespace.svc...) and the sidecar's domains.
+        raise Invalid("metadata.name", f"{meta.name!r} is not a Service name (a DNS-1123 label)")
     ports = _ports(spec, "ports", kubernetes=True)
     selector = spec.labels("selector") if "selector" in spec.data else None
     annotations = (obj.get("metadata") or {}).get("annotations") or {}
+    if not isinstance(annotations, dict):
+        raise Invalid("metadata.annotations", f"expected a mapping, got {_kind(annotations)}")
     export = annotations.get("networking.istio.io/exportTo")
     export_to = tuple(x.strip() for x in export.split(",") if x.strip()) if isinstance(export, str) else None
     return Service(
@@ -966,11 +986,11 @@ def parse(objects: Iterable[tuple[dict, str]], *, cluster_domain: str = "cluster
         try:
             if not isinstance(obj, dict):
                 raise Invalid("", f"expected a Kubernetes object (a mapping), got {_kind(obj)}")
-            if kind not in API_VERSIONS:
+            if not isinstance(kind, str) or kind not in API_VERSIONS:
                 model.problems.append(Problem("warning", label, "kind", "not a kind meshproxy reads: ignored", origin))
                 continue
             api_version = obj.get("apiVersion")
-            if api_version not in API_VERSIONS[kind]:
+            if not isinstance(api_version, str) or api_version not in API_VERSIONS[kind]:
                 raise Invalid("apiVersion", f"{kind} is read under {', '.join(sorted(API_VERSIONS[kind]))}")
             meta = _meta(obj, origin)
             label = str(meta)
@@ -986,8 +1006,10 @@ def parse(objects: Iterable[tuple[dict, str]], *, cluster_domain: str = "cluster
                 if (svc := _kube_service(meta, obj, cluster_domain)) is not None:
                     model.services.append(svc)
             elif kind == "EndpointSlice":
+                _check_endpoint_slice(obj)
                 slices.append(obj)
             elif kind == "Pod":
+                _check_pod(obj)
                 pods.append(obj)
             else:
                 spec = _Spec(obj.get("spec"), "spec", warnings)
@@ -1008,6 +1030,41 @@ def parse(objects: Iterable[tuple[dict, str]], *, cluster_domain: str = "cluster
             model.problems.append(Problem("warning", label, path, message, origin))
     _kube_endpoints(model, slices, pods)
     return model
+
+
+def _ip(value: str, path: str) -> None:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise Invalid(path, f"{value!r} is not an IP address") from None
+
+
+def _check_pod(obj: dict) -> None:
+    """What ``_kube_endpoints`` reads of a Pod: its labels and IP. (The API server checks these;
+    a directory of YAML has nobody to.)"""
+    _labels((obj.get("metadata") or {}).get("labels") or {}, "metadata.labels")
+    status = _Spec(obj, "", []).spec("status")
+    if status is not None and (ip := status.str("podIP")):
+        _ip(ip, status.at("podIP"))
+
+
+def _check_endpoint_slice(obj: dict) -> None:
+    """What ``_kube_endpoints`` reads of an EndpointSlice, checked as the API server would."""
+    _labels((obj.get("metadata") or {}).get("labels") or {}, "metadata.labels")
+    s = _Spec(obj, "", [])
+    address_type = s.str("addressType", default="IPv4")
+    for p in s.specs("ports"):
+        p.str("name")
+        p.int("port", lo=1, hi=65535)
+    for e in s.specs("endpoints"):
+        for i, address in enumerate(e.strs("addresses")):
+            if address_type in ("IPv4", "IPv6"):
+                _ip(address, f"{e.at('addresses')}[{i}]")
+        if (c := e.spec("conditions")) is not None and not isinstance(c.get("ready"), bool | None):
+            raise Invalid(c.at("ready"), f"expected a boolean, got {_kind(c.get('ready'))}")
+        if (ref := e.spec("targetRef")) is not None:
+            ref.str("name")
+            ref.str("namespace")
 
 
 def _describe(obj: Any) -> str:

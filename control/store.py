@@ -80,6 +80,8 @@ class Store:
             objs = self._by_source.get(source)
             if not objs or objs.pop(key, None) is None:
                 return
+            if not objs:
+                del self._by_source[source]
             self.revision += 1
         if self.on_change is not None:
             self.on_change()

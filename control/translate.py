@@ -19,11 +19,12 @@ ServiceEntry host) exported to its namespace (``exportTo``; the default is
   routes are the VirtualService's HTTP routes for that port, in order, or a
   single route to the whole cluster when no VirtualService names the host.
 
-Resources refused by ``control.model`` never reach here; what can only be
-judged across resources (a route to an unknown host or subset, two
-services claiming one host) is checked once in ``Translator.__init__`` and
-recorded as Problems: a VirtualService with such a route is set aside
-whole, and the hosts it named fall back to their default route.
+Resources refused by ``control.model`` never reach here. What can only be
+judged across resources is reported once, as warnings, in
+``Translator.__init__``: a route to a host, port or subset that does not
+exist (yet) keeps its VirtualService, as in Istio, and answers 503 (the
+sidecar's "no cluster") until it appears; two services claiming one host,
+or two VirtualServices routing one, keep the closest one.
 """
 
 from __future__ import annotations
@@ -113,12 +114,17 @@ class Translator:
         self.routes: dict[str, list[VirtualService]] = {}
         self.source_label_keys: set[str] = set()
         for vs in model.virtual_services:
-            if self._check_virtual_service(vs):
-                for host in vs.hosts:
-                    self.routes.setdefault(host, []).append(vs)
-                for r in vs.http:
-                    for m in r.matches:
-                        self.source_label_keys.update(m.source_labels)
+            self._check_virtual_service(vs)
+            for i, host in enumerate(vs.hosts):
+                if host not in self.services:
+                    self._warn(
+                        vs.meta, f"{host} is not a known service (yet): no sidecar routes by it", f"spec.hosts[{i}]"
+                    )
+            for host in vs.hosts:
+                self.routes.setdefault(host, []).append(vs)
+            for r in vs.http:
+                for m in r.matches:
+                    self.source_label_keys.update(m.source_labels)
         for host, vss in self.routes.items():
             for vs in vss[1:]:
                 self._warn(
@@ -129,28 +135,29 @@ class Translator:
     def _warn(self, meta, message: str, path: str = "") -> None:
         self.problems.append(Problem("warning", str(meta), path, message, meta.origin))
 
-    def _check_virtual_service(self, vs: VirtualService) -> bool:
-        """Cross-resource checks: every destination is a known host, subset and port."""
+    def _check_virtual_service(self, vs: VirtualService) -> None:
+        """Cross-resource checks, as warnings: a destination that does not exist (yet) is what a
+        Kubernetes user sees between two ``kubectl apply``s, so, as in Istio, the VirtualService
+        stays and that route answers 503 until the host, subset or port appears."""
         subsets: dict[str, set[str]] = {}
         for dr in self.model.destination_rules:
             subsets.setdefault(dr.host, set()).update(s.name for s in dr.subsets)
         for i, r in enumerate(vs.http):
             for j, d in enumerate(r.destinations):
-                path = f"spec.http[{i}].route[{j}].destination"
                 svc = self.services.get(d.host)
-                problem = None
                 if svc is None:
                     problem = f"host {d.host} is not a known service (a Kubernetes Service or a ServiceEntry host)"
                 elif d.subset and d.subset not in subsets.get(d.host, ()):
                     problem = f"subset {d.subset!r} of {d.host} is not defined by any DestinationRule"
                 elif d.port is not None and all(p.number != d.port for p in svc.ports):
                     problem = f"{d.host} has no port {d.port}"
+                elif not svc.ports:
+                    problem = f"{d.host} has no TCP port"
                 elif d.port is None and len(svc.ports) > 1 and d.host not in vs.hosts:
                     problem = f"{d.host} has several ports: set port.number"
-                if problem is not None:
-                    self.problems.append(Problem("error", str(vs.meta), path, problem, vs.meta.origin))
-                    return False
-        return True
+                else:
+                    continue
+                self._warn(vs.meta, f"{problem}: this route answers 503", f"spec.http[{i}].route[{j}].destination")
 
     # -- scopes -------------------------------------------------------------------------------------
 
@@ -256,7 +263,13 @@ class Translator:
         for j, m in enumerate(matches):
             if m is not None and not self._applies(m, port, namespace, labels):
                 continue
-            route = vh.routes.add(name=base if len(matches) == 1 else f"{base}/{j}")
+            name = base if len(matches) == 1 else f"{base}/{j}"
+            taken = {rt.name for rt in vh.routes}
+            unique, n = name, 1
+            while unique in taken:  # route names need not be unique in Istio; here they must be
+                n += 1
+                unique = f"{name}#{n}"
+            route = vh.routes.add(name=unique)
             if m is not None:
                 _match(route.match, m)
             if r.timeout is not None:
@@ -297,10 +310,24 @@ class Translator:
         namespace: str,
         clusters: dict[str, pb.Cluster],
     ) -> str:
-        """Fill the route's split; return why it cannot be (a subset this sidecar cannot see), or ""."""
+        """Fill the route's split; return why it cannot be (a host, port or subset that does not
+        exist, or that this sidecar's namespace cannot see), or ""."""
         for d in destinations:
-            target = self.services[d.host]
-            tport = d.port or (port if d.host == svc.host else target.ports[0].number)
+            target = self.services.get(d.host)
+            if target is None:
+                return f"no service {d.host}"
+            if d.port is not None:
+                tport = d.port
+            elif d.host == svc.host:
+                tport = port
+            elif len(target.ports) == 1:
+                tport = target.ports[0].number
+            elif not target.ports:
+                return f"{d.host} has no TCP port"
+            else:
+                return f"{d.host} has several ports and the route names none"
+            if all(p.number != tport for p in target.ports):
+                return f"{d.host} has no port {tport}"
             c = self._cluster(clusters, target, tport, namespace)
             if d.subset and all(s.name != d.subset for s in c.subsets):
                 return f"no subset {d.subset} of {d.host} is visible from namespace {namespace}"

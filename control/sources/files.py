@@ -34,18 +34,27 @@ SUFFIXES = (".yaml", ".yml", ".json")
 #: How long after a change event the directory is re-read: long enough to see an editor's
 #: write-and-rename as one change, short next to the 100 ms push debounce.
 SETTLE_S = 0.02
+# libyaml's safe loader when PyYAML has it: 6x faster than the pure-Python one (a 40-resource
+# file: 16 ms instead of 100 ms), which is most of the time from a save to a push.
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def read_file(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     """(the objects, the problems) of one file. Raises OSError, UnicodeDecodeError or yaml.YAMLError
     when the file as a whole cannot be used."""
-    return read_text(path.read_text(encoding="utf-8"))
+    return read_text(path.read_bytes().decode("utf-8"))
 
 
 def read_text(text: str) -> tuple[list[dict[str, Any]], list[str]]:
     """(the objects, the problems) of multi-document YAML; yaml.YAMLError if it does not parse."""
     objects, problems = [], []
-    for i, doc in enumerate(yaml.safe_load_all(text)):
+    try:
+        docs = list(yaml.load_all(text, Loader=_LOADER))
+    except yaml.YAMLError:
+        # Parse again with the pure-Python loader for its clearer message (or, should
+        # the two ever disagree, its result).
+        docs = list(yaml.safe_load_all(text))
+    for i, doc in enumerate(docs):
         if doc is None:
             continue
         if isinstance(doc, dict) and doc.get("kind") == "List" and isinstance(doc.get("items"), list):
@@ -76,6 +85,9 @@ class DirectorySource:
         self.directory = Path(directory)
         self.errors: dict[str, list[str]] = {}
         self._task: asyncio.Task | None = None
+        # name -> the bytes last parsed (or refused): an unchanged file is not parsed again, so one
+        # edit in a big directory costs one file's parse.
+        self._seen: dict[str, bytes] = {}
 
     def source_of(self, path: Path) -> str:
         return f"file:{path.name}"
@@ -90,7 +102,13 @@ class DirectorySource:
             source = self.source_of(path)
             seen.add(source)
             try:
-                objects, problems = read_file(path)
+                data = path.read_bytes()
+                if self._seen.get(path.name) == data:
+                    if path.name in self.errors:
+                        errors[path.name] = self.errors[path.name]
+                    continue
+                self._seen[path.name] = data
+                objects, problems = read_text(data.decode("utf-8"))
             except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
                 reason = yaml_error(e) if isinstance(e, yaml.YAMLError) else f"cannot read: {e}"
                 errors[path.name] = [f"{reason} (its last good content stays in force)"]
@@ -101,6 +119,7 @@ class DirectorySource:
         for source in self.store.sources():
             if source.startswith("file:") and source not in seen:
                 self.store.replace(source, [])
+        self._seen = {name: data for name, data in self._seen.items() if self.source_of(Path(name)) in seen}
         for name, problems in errors.items():
             if self.errors.get(name) != problems:
                 for p in problems:
@@ -143,6 +162,8 @@ class DirectorySource:
         )
         with Inotify() as inotify:
             inotify.add_watch(self.directory, mask)
+            # Changes between start()'s load and this watch raised no event: read once more.
+            self._reload()
             pending: asyncio.TimerHandle | None = None
             loop = asyncio.get_running_loop()
             async for event in inotify:

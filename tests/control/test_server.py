@@ -171,14 +171,17 @@ def test_a_broken_virtual_service_is_rejected_and_everything_else_keeps_working(
     caplog.set_level(logging.ERROR, logger="meshproxy.control")
     with StreamClient(cp.address) as client:
         first = client.wait_snapshots(1)
-        # Broken: a subset no DestinationRule defines. The good edit next to it still lands.
-        broken = virtual_service(50, 50).replace("subset: v2", "subset: v3").replace("name: reviews", "name: typo")
+        # Broken: a misspelt field. The good edit next to it still lands.
+        broken = virtual_service(50, 50).replace("weight: 50", "wieght: 50", 1).replace("name: reviews", "name: typo")
         write(mesh / "vs.yaml", virtual_service(60, 40))
-        write(mesh / "broken.yaml", broken.replace("reviews.local]", "reviews.local]\n  gateways: [mesh]"))
+        write(mesh / "broken.yaml", broken)
         second = client.wait_snapshots(2, timeout=3)
         assert weights(second) == [("v1", 60), ("v2", 40)]
         wait_for(lambda: cp.control.rejected_resources == 1)
-        assert any("VirtualService default/typo" in r.getMessage() and "v3" in r.getMessage() for r in caplog.records)
+        assert any(
+            "VirtualService default/typo" in r.getMessage() and "wieght: unknown field" in r.getMessage()
+            for r in caplog.records
+        )
         assert second.version_info != first.version_info
 
 
