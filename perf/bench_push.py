@@ -121,7 +121,9 @@ def replace(path: Path, text: str) -> None:
 class Sidecar(asyncio.Protocol):
     """One subscription: our HTTP/2 client, gRPC framing, decode, ACK; records ACK times by version."""
 
-    def __init__(self, node_id: str, acked: dict[str, list[float]], ready: asyncio.Event, count: list[int]) -> None:
+    def __init__(
+        self, node_id: str, acked: dict[str, list[float]], events: list[asyncio.Event], count: list[int]
+    ) -> None:
         from meshproxy.config.v1 import control_pb2
         from meshproxy.conn import h2conn as h2
 
@@ -129,10 +131,10 @@ class Sidecar(asyncio.Protocol):
         self.pb = control_pb2
         self.node_id = node_id
         self.acked = acked
-        self.ready = ready
-        self.count = count
+        self.events = events  # [all ACKed once, all ACKed twice]
+        self.count = count  # [ACKed once, ACKed twice, n]
         self.buf = bytearray()
-        self.first = True
+        self.acks = 0
         self.conn = h2.H2Connection(True, settings={"initial_window_size": 1 << 20})
 
     def connection_made(self, transport: asyncio.Transport) -> None:
@@ -147,6 +149,7 @@ class Sidecar(asyncio.Protocol):
             (b"te", b"trailers"),
         ]
         self.stream = self.conn.open_stream(headers)
+        self.stream.notify_close = True
         node = self.pb.meshproxy_dot_v1_dot_config__pb2.Node(id=self.node_id, namespace="default", workload="bench")
         self.send(self.pb.StreamRequest(node=node))
 
@@ -161,6 +164,10 @@ class Sidecar(asyncio.Protocol):
             for ev in events:
                 if ev[0] == self.h2.EV_DATA:
                     self.buf += ev[2]
+                elif ev[0] in (self.h2.EV_CLOSED, self.h2.EV_TRAILERS, self.h2.EV_GOAWAY, self.h2.EV_TERMINATED):
+                    s = ev[1] if ev[0] in (self.h2.EV_CLOSED, self.h2.EV_TRAILERS) else None
+                    detail = (s.error_code, s.trailers) if s is not None else ev[1:]
+                    print(f"sidecar {self.node_id}: stream ended: event {ev[0]} {detail}", file=sys.stderr)
         while len(self.buf) >= 5:
             (n,) = struct.unpack_from(">I", self.buf, 1)
             if len(self.buf) < 5 + n:
@@ -169,11 +176,11 @@ class Sidecar(asyncio.Protocol):
             del self.buf[: 5 + n]
             self.send(self.pb.StreamRequest(version_info=resp.version_info, response_nonce=resp.nonce))
             self.acked.setdefault(resp.version_info, []).append(time.monotonic())
-            if self.first:
-                self.first = False
-                self.count[0] += 1
-                if self.count[0] == self.count[1]:
-                    self.ready.set()
+            self.acks += 1
+            if self.acks <= 2:
+                self.count[self.acks - 1] += 1
+                if self.count[self.acks - 1] == self.count[2]:
+                    self.events[self.acks - 1].set()
         out = self.conn.data_to_send()
         if out:
             self.transport.write(out)
@@ -182,18 +189,19 @@ class Sidecar(asyncio.Protocol):
         pass
 
 
-async def client_main(port: int, first: int, n: int, pipe_fd: int) -> None:
-    """Open ``n`` sidecars; say "ready" on the pipe when all ACKed once; on "report", send the ACK times."""
+async def client_main(port: int, first: int, n: int, pipe_fd: int, settle: float) -> None:
+    """Open ``n`` sidecars; say "ready" on the pipe when all ACKed once; then, once all ACKed a second
+    version (or ``settle`` seconds passed), send the ACK times."""
     loop = asyncio.get_running_loop()
     acked: dict[str, list[float]] = {}
-    ready = asyncio.Event()
-    count = [0, n]
+    ready, pushed = asyncio.Event(), asyncio.Event()
+    count = [0, 0, n]
     transports = []
     for i in range(n):
         for attempt in range(50):
             try:
                 t, _ = await loop.create_connection(
-                    lambda i=i: Sidecar(f"sim-{first + i}", acked, ready, count), "127.0.0.1", port
+                    lambda i=i: Sidecar(f"sim-{first + i}", acked, [ready, pushed], count), "127.0.0.1", port
                 )
                 break
             except OSError:
@@ -201,12 +209,18 @@ async def client_main(port: int, first: int, n: int, pipe_fd: int) -> None:
         else:
             raise SystemExit(f"cannot connect sidecar {first + i}")
         transports.append(t)
-    await asyncio.wait_for(ready.wait(), 300)
-    reader = socket.socket(fileno=pipe_fd).makefile("rw", buffering=1)
-    reader.write("ready\n")
-    line = await loop.run_in_executor(None, reader.readline)
-    if line.strip() == "report":
-        reader.write(json.dumps(acked) + "\n")
+    try:
+        await asyncio.wait_for(ready.wait(), 120)
+    except TimeoutError:
+        raise SystemExit(f"only {count[0]} of {n} sidecars got a first snapshot within 120 s") from None
+    pipe = socket.socket(fileno=pipe_fd).makefile("rw", buffering=1)
+    # socket.makefile's text mode has no line buffering: flush each line.
+    pipe.write("ready\n")
+    pipe.flush()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(pushed.wait(), settle)
+    pipe.write(json.dumps(acked) + "\n")
+    pipe.flush()
     for t in transports:
         t.close()
 
@@ -268,6 +282,7 @@ def run_size(args: argparse.Namespace, n: int, tmp: Path) -> dict[str, Any]:
             first = p * (n // procs) + min(p, n % procs)
             parent, child = socket.socketpair()
             argv = [sys.executable, __file__, "--client", str(port), str(first), str(share), str(child.fileno())]
+            argv.append(str(args.settle))
             proc = subprocess.Popen(pinned(argv, args.client_cpu), pass_fds=(child.fileno(),))
             child.close()
             clients.append((proc, parent.makefile("rw", buffering=1)))
@@ -279,11 +294,10 @@ def run_size(args: argparse.Namespace, n: int, tmp: Path) -> dict[str, Any]:
         rss_connected = rss_kib(server.pid)
         t0 = time.monotonic()
         replace(mesh / "vs.yaml", vs_yaml(50, 50))
-        time.sleep(args.settle)
         latencies: list[float] = []
         new_versions: set[str] = set()
         for _proc, f in clients:
-            f.write("report\n")
+            # Each client answers once all its sidecars ACKed the new version (or --settle passed):
             # version -> the ACK times of this process's sidecars; the edit made exactly one new version.
             for version, times in json.loads(f.readline()).items():
                 after = [(t - t0) * 1e3 for t in times if t >= t0]
@@ -328,17 +342,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--procs", type=int, default=4, help="client processes (default 4)")
     parser.add_argument("--services", type=int, default=20, help="ServiceEntries in the mesh (default 20)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per size; the median run is reported")
-    parser.add_argument("--settle", type=float, default=3.0, help="seconds to wait for ACKs after the edit")
+    parser.add_argument(
+        "--settle", type=float, default=60.0, help="longest wait for every ACK after the edit (default 60 s)"
+    )
     parser.add_argument("--server-cpu", type=int, default=1)
     parser.add_argument("--client-cpu", type=int, default=0)
     parser.add_argument("--json", help="write the report as JSON here ('-': stdout)")
-    parser.add_argument("--client", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--client", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.client:
-        port, first, n, fd = (int(x) for x in args.client)
+        port, first, n, fd = (int(x) for x in args.client[:4])
         import uvloop
 
-        uvloop.run(client_main(port, first, n, fd))
+        uvloop.run(client_main(port, first, n, fd, float(args.client[4])))
         return 0
     try:
         sizes = [int(s) for s in args.sizes.split(",")]
