@@ -22,36 +22,12 @@ import signal
 import socket
 import sys
 from pathlib import Path
-from typing import NoReturn
+
+from meshproxy.cliargs import Parser, bind_address, seconds
 
 __all__ = ["build_parser", "main"]
 
 log = logging.getLogger("meshproxy.control")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _address(value: str) -> str:
-    from meshproxy.config import parse_address
-
-    try:
-        parse_address(value, listener=True)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"{value!r}: {e}") from None
-    return value
-
-
-def _seconds(value: str) -> float:
-    try:
-        s = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
-    if not 0 <= s <= 60:
-        raise argparse.ArgumentTypeError(f"{value!r} must be from 0 to 60")
-    return s
 
 
 def _export_to(value: str) -> tuple[str, ...]:
@@ -62,8 +38,8 @@ def _export_to(value: str) -> tuple[str, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="meshproxy-control", description="meshproxy's control plane")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = Parser(prog="meshproxy-control", description="meshproxy's control plane")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     serve = sub.add_parser("serve", help="serve sidecar configs", description="Serve sidecar configs.")
     src = serve.add_mutually_exclusive_group(required=True)
     src.add_argument("--config-dir", metavar="DIR", help="read the mesh's resources from this directory of YAML")
@@ -71,7 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kubeconfig", metavar="FILE", help="with --kubernetes: a kubeconfig (default: in-cluster)")
     serve.add_argument("--watch-namespace", metavar="NS", help="with --kubernetes: watch one namespace (default: all)")
     serve.add_argument(
-        "--listen", metavar="ADDR", type=_address, default="0.0.0.0:15010", help="API address (default 0.0.0.0:15010)"
+        "--listen",
+        metavar="ADDR",
+        type=bind_address,
+        default="0.0.0.0:15010",
+        help="API address (default 0.0.0.0:15010)",
     )
     serve.add_argument(
         "--cluster-domain", default="cluster.local", help="Kubernetes DNS domain (default cluster.local)"
@@ -83,9 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAMESPACES",
         help="where resources without exportTo are visible: '*' (default, as Istio), '.', or namespaces",
     )
-    serve.add_argument("--debounce", type=_seconds, default=0.1, metavar="SECONDS", help="quiet period (default 0.1)")
+    serve.add_argument("--debounce", type=seconds, default=0.1, metavar="SECONDS", help="quiet period (default 0.1)")
     serve.add_argument(
-        "--max-delay", type=_seconds, default=1.0, metavar="SECONDS", help="longest wait to push (default 1)"
+        "--max-delay", type=seconds, default=1.0, metavar="SECONDS", help="longest wait to push (default 1)"
     )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
@@ -121,7 +101,8 @@ async def _serve(args: argparse.Namespace) -> int:
     try:
         server, _ = await serve(control, args.listen)
     except (OSError, RuntimeError) as e:
-        print(f"meshproxy-control: error: cannot listen on {args.listen}: {e}", file=sys.stderr)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else e
+        print(f"meshproxy-control: error: cannot listen on {args.listen}: {reason}", file=sys.stderr)
         return 1
     log.info("serving meshproxy.v1.MeshControl on %s", args.listen)
     stop = asyncio.Event()

@@ -16,21 +16,17 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import NoReturn
 
 import yaml
+
+from meshproxy.cliargs import Parser
 
 __all__ = ["build_parser", "main"]
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="meshctl", description="Inspect and check a meshproxy mesh.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = Parser(prog="meshctl", description="Inspect and check a meshproxy mesh.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     analyze = sub.add_parser(
         "analyze",
         help="check mesh resources offline",

@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ import grpc
 from control.model import parse
 from control.store import Store
 from control.translate import Translator
+from meshproxy.config import parse_address
 from meshproxy.config.v1 import control_pb2 as cpb
 
 __all__ = ["ControlServer", "Subscriber", "serve"]
@@ -318,6 +320,11 @@ async def serve(control: ControlServer, address: str) -> tuple[grpc.aio.Server, 
         ]
     )
     server.add_generic_rpc_handlers((control.handler(),))
+    # Bind once ourselves first: a port in use is then a plain OSError ("Address already in
+    # use"), where grpc would log a core error line and raise a vaguer one.
+    host, port = parse_address(address, listener=True)
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.bind((host, port))
     port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot listen on {address}")

@@ -32,7 +32,9 @@ import re
 import signal
 import socket
 import sys
-from typing import Any, NoReturn
+from typing import Any
+
+from meshproxy.cliargs import Parser, address, bind_address, positive, seconds
 
 __all__ = ["main"]
 
@@ -46,46 +48,6 @@ DEFAULT_OUTBOUND = "127.0.0.1:15001"
 _LABEL_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        # One clear line, not a usage dump.
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _address(value: str, *, listener: bool = False) -> str:
-    from meshproxy.config import parse_address
-
-    try:
-        parse_address(value, listener=listener)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"{value!r}: {e}") from None
-    return value
-
-
-def _bind_address(value: str) -> str:
-    return _address(value, listener=True)
-
-
-def _positive(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{value!r} must be at least 1")
-    return n
-
-
-def _seconds(value: str) -> float:
-    try:
-        s = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
-    if s < 0:
-        raise argparse.ArgumentTypeError(f"{value!r} must not be negative")
-    return s
 
 
 def _label_key(key: str) -> None:
@@ -137,21 +99,21 @@ def _node_id(value: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="meshproxy", description="meshproxy: the sidecar of a service mesh for Kubernetes")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = Parser(prog="meshproxy", description="meshproxy: the sidecar of a service mesh for Kubernetes")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     run = sub.add_parser("run", help="run a sidecar", description="Run a meshproxy sidecar.")
     src = run.add_mutually_exclusive_group()
     src.add_argument("--config", metavar="FILE", help="sidecar config (YAML or JSON of meshproxy.v1.SidecarConfig)")
     src.add_argument(
         "--listen",
         metavar="ADDR",
-        type=_bind_address,
+        type=bind_address,
         help="listen address (with --upstream); with --control-plane, the outbound listener's "
         f"(default {DEFAULT_OUTBOUND})",
     )
-    run.add_argument("--upstream", metavar="ADDR", type=_address, help="the one upstream, h2c (with --listen)")
+    run.add_argument("--upstream", metavar="ADDR", type=address, help="the one upstream, h2c (with --listen)")
     run.add_argument(
-        "--control-plane", metavar="ADDR", type=_address, help="take the config from the control plane at host:port"
+        "--control-plane", metavar="ADDR", type=address, help="take the config from the control plane at host:port"
     )
     run.add_argument(
         "--node-id",
@@ -165,28 +127,28 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--admin",
         metavar="ADDR",
-        type=_bind_address,
+        type=bind_address,
         default="127.0.0.1:15000",
         help="admin service address (default 127.0.0.1:15000)",
     )
     run.add_argument(
         "--metrics",
         metavar="ADDR",
-        type=_bind_address,
+        type=bind_address,
         default="0.0.0.0:15090",
         help="Prometheus metrics address (default 0.0.0.0:15090)",
     )
     run.add_argument(
         "--concurrency",
         metavar="N",
-        type=_positive,
+        type=positive,
         default=1,
         help="worker processes sharing the listeners (default 1)",
     )
     run.add_argument(
         "--drain-timeout",
         metavar="SECONDS",
-        type=_seconds,
+        type=seconds,
         default=10.0,
         help="how long in-flight streams may take to finish on SIGTERM (default 10)",
     )

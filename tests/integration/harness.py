@@ -7,12 +7,13 @@ import os
 import queue
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -578,3 +579,16 @@ def load_interop(out_dir: str | os.PathLike[str]) -> SimpleNamespace:
         messages_pb2=importlib.import_module(f"{INTEROP_PACKAGE}.messages_pb2"),
         test_pb2_grpc=importlib.import_module(f"{INTEROP_PACKAGE}.test_pb2_grpc"),
     )
+
+
+def tick(request: bytes, context) -> Iterator[bytes]:
+    """A gRPC server-stream handler (raw bytes): the request packs ``(count, interval)`` as
+    ``>Id``; the answer is ``count`` messages (each its index, ``>I``), one every ``interval``
+    seconds, for as long as the call lives."""
+    count, interval = struct.unpack(">Id", request)
+    for index in range(count):
+        if index:
+            time.sleep(interval)
+        if not context.is_active():
+            return
+        yield struct.pack(">I", index)

@@ -461,17 +461,6 @@ class ScriptedH2Server(harness.ThreadedServer):
 LIFE = "meshtest.Life"
 
 
-def _tick(request: bytes, context: grpc.ServicerContext):
-    """A server stream: ``count`` messages, one every ``interval`` seconds, while the call lives."""
-    count, interval = struct.unpack(">Id", request)
-    for index in range(count):
-        if index:
-            time.sleep(interval)
-        if not context.is_active():
-            return
-        yield struct.pack(">I", index)
-
-
 @contextlib.contextmanager
 def grpc_server(handlers: dict, service: str = LIFE, workers: int = 32):
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
@@ -487,7 +476,7 @@ def grpc_server(handlers: dict, service: str = LIFE, workers: int = 32):
 @pytest.fixture(scope="module")
 def life_server():
     handlers = {
-        "Tick": grpc.unary_stream_rpc_method_handler(_tick),
+        "Tick": grpc.unary_stream_rpc_method_handler(harness.tick),
         "Echo": grpc.unary_unary_rpc_method_handler(lambda request, context: request),
     }
     with grpc_server(handlers) as address:

@@ -48,23 +48,12 @@ NODE_ARGS = ["--node-id", "node-1", "--namespace", "shop", "--workload", "cart",
 # -- upstreams -------------------------------------------------------------------------
 
 
-def _tick(request: bytes, context: grpc.ServicerContext):
-    """``count`` messages, ``interval`` seconds apart."""
-    count, interval = struct.unpack(">Id", request)
-    for index in range(count):
-        if index:
-            time.sleep(interval)
-        if not context.is_active():
-            return
-        yield struct.pack(">I", index)
-
-
 @contextlib.contextmanager
 def upstream(name: str):
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
     handlers = {
         "Who": grpc.unary_unary_rpc_method_handler(lambda request, context: name.encode()),
-        "Tick": grpc.unary_stream_rpc_method_handler(_tick),
+        "Tick": grpc.unary_stream_rpc_method_handler(harness.tick),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     port = server.add_insecure_port(f"{HOST}:0")
