@@ -36,13 +36,14 @@ lint: $(STAMP)
 
 test: lint debs
 	$(PY) -m pytest -q
-	MESHPROXY_NO_EXTENSIONS=1 $(PY) -m pytest -q -m "codec or lb" tests/codec tests/lb
+	MESHPROXY_NO_EXTENSIONS=1 $(PY) -m pytest -q -m "codec or lb or resilience" tests/codec tests/lb tests/resilience
 	MESHPROXY_NO_EXTENSIONS=1 $(PY) -m pytest -q tests/integration/test_interop.py tests/integration/test_grpc_proxy.py \
 	    tests/integration/test_mesh.py
 
 bench: $(STAMP) debs
 	$(PY) perf/bench_codec.py
 	$(PY) perf/bench_lb.py
+	$(PY) perf/bench_resilience.py
 	$(PY) perf/bench_proxy.py
 	$(PY) perf/bench_push.py
 
