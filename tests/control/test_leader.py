@@ -121,17 +121,21 @@ def test_two_candidates_one_leader(kube, candidate):
     assert (b if leader == "a" else a).events == []
 
 
+#: A lease far longer than any wait below: a candidate that waited for it to expire would time out.
+LONG = {"lease_duration": 60.0, "renew_deadline": 40.0, "retry_period": 0.1}
+
+
 def test_stop_releases_and_the_other_takes_over_at_once(kube, candidate):
-    a = candidate("a")
+    a = candidate("a", **LONG)
     wait_for(lambda: a.elector.is_leader)
-    b = candidate("b")
+    b = candidate("b", **LONG)
     time.sleep(0.3)
     assert leader_of(a, b) == ["a"]
     a.elector.stop()
     assert a.events == ["started", "stopped"] and not a.elector.is_leader
     assert lease(kube)["spec"].get("holderIdentity") in (None, "b")  # released (or b was that quick)
-    # well within the 1 s lease: b did not wait for it to expire
-    assert wait_for(lambda: b.elector.is_leader, what="b leading") < 0.6
+    # within 10 s of a 60 s lease: b did not wait for it to expire
+    wait_for(lambda: b.elector.is_leader, timeout=10, what="b leading")
     spec = lease(kube)["spec"]
     assert spec["holderIdentity"] == "b" and spec["leaseTransitions"] == 1
 
@@ -148,7 +152,8 @@ def test_a_crashed_leader_is_replaced_after_the_lease_expires(kube, candidate, m
     wait_for(lambda: b.elector.is_leader, what="b leading after expiry")
     took = time.monotonic() - crashed_at
     # a renewed at most one retry period before it stopped; the lease then runs its 1 s
-    assert 0.8 <= took < 2.5
+    # (the wait above bounds it from above)
+    assert took >= 0.8
     spec = lease(kube)["spec"]
     assert spec["holderIdentity"] == "b" and spec["leaseTransitions"] == 1
 
@@ -169,7 +174,7 @@ def test_a_partitioned_leader_steps_down_before_the_other_steps_up(kube, candida
     cut_at = time.monotonic()
     wait_for(lambda: a.events == ["started", "stopped"], what="a stepping down")
     stepped_down = time.monotonic() - cut_at
-    assert 0.4 <= stepped_down < 1.0  # renew_deadline 0.6 s after its last renewal
+    assert stepped_down >= 0.4  # renew_deadline 0.6 s after its last renewal, not at the first failure
     wait_for(lambda: b.elector.is_leader, what="b leading")
     assert not overlapped()
     assert not a.elector.is_leader
@@ -183,8 +188,8 @@ def test_api_server_gone_means_stopped_leading(kube, candidate):
     a = candidate("a")
     wait_for(lambda: a.elector.is_leader)
     kube.stop()
-    took = wait_for(lambda: a.events == ["started", "stopped"], what="on_stopped_leading")
-    assert took < 1.5 and not a.elector.is_leader
+    wait_for(lambda: a.events == ["started", "stopped"], what="on_stopped_leading")
+    assert not a.elector.is_leader
 
 
 def test_update_conflict_is_retried(kube, candidate, caplog):
@@ -210,7 +215,7 @@ def test_update_conflict_is_retried(kube, candidate, caplog):
 
 
 def test_takeover_by_a_conflicting_writer_ends_leadership(kube, candidate):
-    a = candidate("a")
+    a = candidate("a", **LONG)
     wait_for(lambda: a.elector.is_leader)
     leases = kube.type_of("coordination.k8s.io", "v1", "leases")
 
@@ -221,9 +226,9 @@ def test_takeover_by_a_conflicting_writer_ends_leadership(kube, candidate):
             kube.patch(leases, "default", "control", {"spec": {"holderIdentity": "z", "renewTime": now}}, MERGE)
 
     kube.fault = usurper
-    # a's update conflicts, its next read shows z holding a fresh lease: it steps down at once
-    took = wait_for(lambda: a.events == ["started", "stopped"], what="a stepping down")
-    assert took < 0.5
+    # a's update conflicts, its next read shows z holding a fresh lease: it steps down at once,
+    # not after its 40 s renew deadline
+    wait_for(lambda: a.events == ["started", "stopped"], timeout=10, what="a stepping down")
     assert lease(kube)["spec"]["holderIdentity"] == "z"
 
 
