@@ -18,7 +18,8 @@ and keeps serving on its last good config either way. A snapshot of the
 version already in force is only ACKed.
 
 When the stream ends for any reason (non-zero grpc-status, RST_STREAM,
-GOAWAY, a connection error or loss, a dead peer found by TCP keepalive) the
+GOAWAY, a connection error or loss, a dead peer found by TCP keepalive, a
+peer that answers no HTTP/2 PING after ``PING_AFTER`` seconds of silence) the
 sidecar keeps serving on the config in force and reconnects after a
 full-jitter exponential backoff (base 0.1 s, cap 5 s), reset once a stream
 has delivered a snapshot. ``stop()`` (the worker's drain) ends it.
@@ -44,6 +45,7 @@ __all__ = [
     "BACKOFF_BASE",
     "BACKOFF_CAP",
     "OUTBOUND_LISTENER",
+    "PING_AFTER",
     "MessageReader",
     "StreamEnded",
     "Subscription",
@@ -70,6 +72,10 @@ WINDOWS = {"initial_window_size": 1 << 20, "connection_window": 4 << 20}
 # A control plane behind a silent network (a node gone, a dropped NAT entry) is found
 # within 10 + 5 x 3 = 25 s of silence, instead of TCP's default two hours.
 KEEPALIVE = (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3))
+#: Seconds of silence on the stream before we send an HTTP/2 PING, and then the longest
+#: wait for anything (its ACK included) before the stream counts as dead. TCP keepalive
+#: finds a dead host; this finds a live one whose control plane stopped answering.
+PING_AFTER = 30.0
 
 EV_RESPONSE = h2.EV_RESPONSE
 EV_DATA = h2.EV_DATA
@@ -234,7 +240,8 @@ class Subscription:
 
     async def _stream(self) -> None:
         """One connection and stream, until it ends: raises StreamEnded or OSError, never returns."""
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), CONNECT_TIMEOUT)
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            reader, writer = await asyncio.open_connection(self.host, self.port)
         conn = None
         try:
             sock = writer.get_extra_info("socket")
@@ -260,8 +267,21 @@ class Subscription:
                 "subscribing to control plane %s (version %r, worker %d)", self.address, self.version, self.worker_index
             )
             messages = MessageReader()
+            pinged = False
             while True:
-                data = await reader.read(1 << 16)
+                try:
+                    # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the
+                    # cancellation of stop() when the read completes at the same moment.
+                    async with asyncio.timeout(PING_AFTER):
+                        data = await reader.read(1 << 16)
+                except TimeoutError:
+                    if pinged:
+                        raise StreamEnded(f"the control plane answered no PING within {PING_AFTER:g}s") from None
+                    conn.ping()  # the peer must ACK it (RFC 9113 §6.7): any bytes back prove it alive
+                    writer.write(conn.data_to_send())
+                    pinged = True
+                    continue
+                pinged = False
                 if not data:
                     raise StreamEnded("the control plane closed the connection")
                 for ev in conn.receive(data) or ():

@@ -94,7 +94,8 @@ class ScriptedControl(harness.ThreadedServer):
     """An h2c server that takes each connection's ``/meshproxy.v1.MeshControl/Stream`` call,
     reads its first message (put on ``firsts``), then does ``action``. ``split``: sends two
     snapshots, the second starting in the first's DATA frame and ending in the next one, and
-    puts the ACKs or NACKs it gets on ``replies``."""
+    puts the ACKs or NACKs it gets on ``replies``. ``quiet``: answers the call's headers and
+    then nothing but the PING ACKs h2 sends by itself (``pings`` counts the PINGs)."""
 
     name = "scripted-control"
 
@@ -102,6 +103,7 @@ class ScriptedControl(harness.ThreadedServer):
         self.action = action
         self.firsts: queue.Queue[StreamRequest] = queue.Queue()
         self.replies: queue.Queue[StreamRequest] = queue.Queue()
+        self.pings = 0
         super().__init__()
 
     def _handle(self, sock: socket.socket) -> None:
@@ -126,6 +128,8 @@ class ScriptedControl(harness.ThreadedServer):
                     if isinstance(event, h2.events.RequestReceived):
                         stream_id = event.stream_id
                         assert dict(event.headers)[":path"] == "/meshproxy.v1.MeshControl/Stream"
+                    elif isinstance(event, h2.events.PingReceived):
+                        self.pings += 1
                     elif isinstance(event, h2.events.DataReceived):
                         conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
                         for message in reader.feed(event.data):
@@ -156,6 +160,8 @@ class ScriptedControl(harness.ThreadedServer):
         elif self.action == "goaway":
             conn.send_headers(sid, ok)
             conn.close_connection(h2.errors.ErrorCodes.NO_ERROR, last_stream_id=sid)
+        elif self.action == "quiet":
+            conn.send_headers(sid, ok)
         elif self.action == "http-404":
             conn.send_headers(sid, [(":status", "404")], end_stream=True)
         elif self.action == "split":
@@ -217,6 +223,50 @@ def test_every_stream_ending_reconnects(action: str, reason: str, caplog: pytest
     assert first.worker == again.worker == 3
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings and reason in warnings[0], warnings
+
+
+class SilentControl(harness.ThreadedServer):
+    """Accepts, reads everything, answers nothing: a control plane that hangs with its socket open."""
+
+    name = "silent-control"
+
+    def __init__(self) -> None:
+        self.connections = 0
+        super().__init__()
+
+    def _handle(self, sock: socket.socket) -> None:
+        self.connections += 1
+        sock.settimeout(0.2)
+        with sock:
+            while not self._closed.is_set():
+                try:
+                    if not sock.recv(65536):
+                        return
+                except TimeoutError:
+                    continue
+                except OSError:
+                    return
+
+
+def test_a_control_plane_that_answers_no_ping_is_left(monkeypatch, caplog: pytest.LogCaptureFixture):
+    monkeypatch.setattr("meshproxy.subscription.PING_AFTER", 0.2)
+    caplog.set_level(logging.WARNING, logger="meshproxy.subscription")
+    with SilentControl() as server:
+        asyncio.run(_subscribe_until(server.address, lambda: server.connections >= 2))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings and "answered no PING within 0.2s" in warnings[0], warnings
+
+
+def test_pings_keep_a_quiet_stream_alive(monkeypatch, caplog: pytest.LogCaptureFixture):
+    monkeypatch.setattr("meshproxy.subscription.PING_AFTER", 0.1)
+    caplog.set_level(logging.WARNING, logger="meshproxy.subscription")
+    with ScriptedControl("quiet") as server:
+        end = time.monotonic() + 1.5
+        asyncio.run(_subscribe_until(server.address, lambda: time.monotonic() > end))
+        # Many silences, each ended by a PING and its ACK: one connection, never a reconnect.
+        assert server.firsts.qsize() == 1
+        assert server.pings >= 3
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
 
 
 def test_messages_split_across_frames_are_each_answered():
