@@ -3,6 +3,7 @@ under test (or nghttpx standing in for it), its sockets, a one-shot h2c GET, and
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import signal
@@ -592,3 +593,21 @@ def tick(request: bytes, context) -> Iterator[bytes]:
         if not context.is_active():
             return
         yield struct.pack(">I", index)
+
+
+@contextlib.contextmanager
+def grpc_server(handlers: dict, service: str, workers: int = 16) -> Iterator[str]:
+    """A grpcio server on loopback whose ``service`` has the raw-bytes ``handlers`` (method
+    name -> grpc method handler); yields its address, stops it on exit."""
+    from concurrent import futures
+
+    import grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    port = server.add_insecure_port(f"{HOST}:0")
+    server.start()
+    try:
+        yield f"{HOST}:{port}"
+    finally:
+        server.stop(grace=None)

@@ -29,7 +29,6 @@ import sys
 import threading
 import time
 from collections import Counter
-from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -461,25 +460,13 @@ class ScriptedH2Server(harness.ThreadedServer):
 LIFE = "meshtest.Life"
 
 
-@contextlib.contextmanager
-def grpc_server(handlers: dict, service: str = LIFE, workers: int = 32):
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
-    port = server.add_insecure_port(f"{HOST}:0")
-    server.start()
-    try:
-        yield f"{HOST}:{port}"
-    finally:
-        server.stop(grace=None)
-
-
 @pytest.fixture(scope="module")
 def life_server():
     handlers = {
         "Tick": grpc.unary_stream_rpc_method_handler(harness.tick),
         "Echo": grpc.unary_unary_rpc_method_handler(lambda request, context: request),
     }
-    with grpc_server(handlers) as address:
+    with harness.grpc_server(handlers, LIFE, workers=32) as address:
         yield address
 
 

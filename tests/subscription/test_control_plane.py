@@ -24,7 +24,6 @@ import struct
 import subprocess
 import sys
 import time
-from concurrent import futures
 
 import grpc
 import pytest
@@ -50,18 +49,12 @@ NODE_ARGS = ["--node-id", "node-1", "--namespace", "shop", "--workload", "cart",
 
 @contextlib.contextmanager
 def upstream(name: str):
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
     handlers = {
         "Who": grpc.unary_unary_rpc_method_handler(lambda request, context: name.encode()),
         "Tick": grpc.unary_stream_rpc_method_handler(harness.tick),
     }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-    port = server.add_insecure_port(f"{HOST}:0")
-    server.start()
-    try:
-        yield f"{HOST}:{port}"
-    finally:
-        server.stop(grace=None)
+    with harness.grpc_server(handlers, SERVICE) as address:
+        yield address
 
 
 @pytest.fixture(scope="module")
