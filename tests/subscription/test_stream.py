@@ -143,8 +143,8 @@ class ScriptedControl(harness.ThreadedServer):
                 if hang_up:
                     # A clean close: FIN first, then read what the client still sends until it
                     # closes too (closing with unread bytes would send RST instead).
-                    sock.shutdown(socket.SHUT_WR)
-                    with contextlib.suppress(OSError):
+                    with contextlib.suppress(OSError):  # the client may have gone already
+                        sock.shutdown(socket.SHUT_WR)
                         while sock.recv(65536):
                             pass
                     return
