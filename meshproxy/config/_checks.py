@@ -30,6 +30,12 @@ _MAX_WINDOW = 2**31 - 1
 _MIN_FRAME, _MAX_FRAME = 2**14, 2**24 - 1
 _MAX_GRPC_STATUS = 16
 
+# What meshproxy.resilience's OutlierDetector takes (its _check_config): the
+# sidecar builds one from each OutlierDetection, so these bounds are its.
+_MAX_OUTLIER_TIME_NS = 1 << 62
+_DEFAULT_BASE_EJECTION_NS = 30_000_000_000
+_DEFAULT_MAX_EJECTION_NS = 300_000_000_000
+
 
 def _port(text: str, lowest: int) -> int:
     if not _PORT.fullmatch(text) or not lowest <= int(text) <= 65535:
@@ -121,9 +127,10 @@ def duration_s(d: object) -> float:
     return d.seconds + d.nanos / 1e9
 
 
-def _duration(msg: object, field: str, path: str, *, positive: bool = False) -> None:
+def _duration(msg: object, field: str, path: str, *, positive: bool = False) -> int | None:
+    """Check ``msg.field`` (a Duration) if set; its length in nanoseconds, or None when unset."""
     if not msg.HasField(field):
-        return
+        return None
     d = getattr(msg, field)
     if not -1_000_000_000 < d.nanos < 1_000_000_000 or (d.seconds > 0 > d.nanos) or (d.seconds < 0 < d.nanos):
         raise ConfigError(at(path, field), f"malformed duration (seconds={d.seconds}, nanos={d.nanos})")
@@ -131,6 +138,14 @@ def _duration(msg: object, field: str, path: str, *, positive: bool = False) -> 
     if ns < 0 or (positive and ns == 0):
         need = "greater than 0" if positive else "0 or more"
         raise ConfigError(at(path, field), f"must be {need}, got {ns / 1e9:g}s")
+    return ns
+
+
+def _percentage(msg: object, field: str, path: str) -> None:
+    if msg.HasField(field):
+        value = getattr(msg, field)
+        if not 0.0 <= value <= 100.0:  # NaN fails every comparison
+            raise ConfigError(at(path, field), f"must be from 0 to 100, got {value:g}")
 
 
 def _regex(pattern: str, path: str) -> None:
@@ -171,6 +186,9 @@ def validate(cfg: pb.SidecarConfig) -> None:
         if port and (host, port) in bound:
             raise ConfigError(at(path, "address"), f"{lis.address} is already the address of {bound[host, port]}")
         bound[host, port] = path
+        # 0s is meaningful here: no idle timeout at all.
+        _duration(lis, "stream_idle_timeout", path)
+        _duration(lis, "idle_timeout", path)
         if lis.HasField("http2"):
             _check_http2(lis.http2, at(path, "http2"))
         check_routes(lis, clusters, path)
@@ -199,6 +217,44 @@ def _check_cluster(c: pb.Cluster, path: str) -> None:
     _duration(c, "idle_timeout", path, positive=True)
     if c.HasField("retry_budget"):
         _check_budget(c.retry_budget, at(path, "retry_budget"))
+    # circuit_breakers: every uint32 is a limit (0: none), nothing to check.
+    if c.HasField("outlier_detection"):
+        _check_outlier(c.outlier_detection, at(path, "outlier_detection"))
+    if c.HasField("health_check"):
+        _check_health(c.health_check, at(path, "health_check"))
+
+
+def _check_health(h: pb.HealthCheck, path: str) -> None:
+    interval = _duration(h, "interval", path, positive=True)
+    timeout = _duration(h, "timeout", path, positive=True)
+    if interval is not None and interval < 100_000_000:
+        raise ConfigError(at(path, "interval"), f"must be at least 0.1s, got {interval / 1e9:g}s")
+    if (timeout if timeout is not None else 1e9) > (interval if interval is not None else 10e9):
+        raise ConfigError(at(path, "timeout"), "must not exceed interval (one check at a time)")
+    for field in ("unhealthy_threshold", "healthy_threshold"):
+        if getattr(h, field) > 1000:
+            raise ConfigError(at(path, field), f"must be at most 1000, got {getattr(h, field)}")
+
+
+def _check_outlier(o: pb.OutlierDetection, path: str) -> None:
+    # The thresholds are uint32, as OutlierDetector's; its times must be 1ns..2^62ns, base <= max.
+    times = {}
+    for field in ("interval", "base_ejection_time", "max_ejection_time"):
+        ns = _duration(o, field, path, positive=True)
+        if ns is not None and ns > _MAX_OUTLIER_TIME_NS:
+            raise ConfigError(at(path, field), f"must be at most 2^62 ns (about 146 years), got {ns / 1e9:g}s")
+        times[field] = ns
+    base, most = times["base_ejection_time"], times["max_ejection_time"]
+    if most is not None and most < (base if base is not None else _DEFAULT_BASE_EJECTION_NS):
+        what = f"{base / 1e9:g}s" if base is not None else "30s when unset"
+        raise ConfigError(at(path, "max_ejection_time"), f"{most / 1e9:g}s is below base_ejection_time ({what})")
+    if most is None and base is not None and base > _DEFAULT_MAX_EJECTION_NS:
+        raise ConfigError(
+            at(path, "base_ejection_time"),
+            f"{base / 1e9:g}s exceeds max_ejection_time (300s when unset): set max_ejection_time too",
+        )
+    if o.HasField("max_ejection_percent") and o.max_ejection_percent > 100:
+        raise ConfigError(at(path, "max_ejection_percent"), f"must be from 0 to 100, got {o.max_ejection_percent}")
 
 
 #: retry_on conditions besides HTTP status codes ("503") and gRPC status names.
@@ -211,6 +267,10 @@ GRPC_RETRY_ON = frozenset({"cancelled", "deadline-exceeded", "internal", "resour
 
 def _check_retry(r: pb.RetryPolicy, path: str) -> None:
     _duration(r, "per_try_timeout", path, positive=True)
+    base = _duration(r, "base_interval", path, positive=True)
+    most = _duration(r, "max_interval", path, positive=True)
+    if base is not None and most is not None and most < base:
+        raise ConfigError(at(path, "max_interval"), f"{most / 1e9:g}s is below base_interval ({base / 1e9:g}s)")
     for j, cond in enumerate(r.retry_on):
         if cond in RETRY_ON or cond in GRPC_RETRY_ON:
             continue
@@ -273,6 +333,8 @@ def _check_route(route: pb.Route, path: str, clusters: dict[str, pb.Cluster]) ->
     _duration(route, "timeout", path)
     if route.HasField("retry_policy"):
         _check_retry(route.retry_policy, at(path, "retry_policy"))
+    if route.HasField("fault"):
+        _check_fault(route.fault, at(path, "fault"))
     action = route.WhichOneof("action")
     if action is None:
         raise ConfigError(path, "no action: set 'route' or 'direct_response'")
@@ -302,6 +364,29 @@ def _check_route(route: pb.Route, path: str, clusters: dict[str, pb.Cluster]) ->
         raise ConfigError(at(apath, "authority_rewrite"), f"{ra.authority_rewrite!r} is not an authority")
     if ra.hash_header and not _HEADER_NAME.fullmatch(ra.hash_header):
         raise ConfigError(at(apath, "hash_header"), f"{ra.hash_header!r} is not a header name")
+
+
+def _check_fault(f: pb.FaultInjection, path: str) -> None:
+    if not f.HasField("delay") and not f.HasField("abort"):
+        raise ConfigError(path, "neither delay nor abort: set one or both")
+    if f.HasField("delay"):
+        dpath = at(path, "delay")
+        if not f.delay.HasField("fixed_delay"):
+            raise ConfigError(at(dpath, "fixed_delay"), "is required: how long to delay")
+        _duration(f.delay, "fixed_delay", dpath, positive=True)
+        _percentage(f.delay, "percentage", dpath)
+    if f.HasField("abort"):
+        a, apath = f.abort, at(path, "abort")
+        _percentage(a, "percentage", apath)
+        error = a.WhichOneof("error")
+        if error is None:
+            raise ConfigError(apath, "no error: set http_status or grpc_status")
+        if error == "http_status" and not 200 <= a.http_status <= 599:
+            raise ConfigError(at(apath, "http_status"), f"must be from 200 to 599, got {a.http_status}")
+        if error == "grpc_status" and not 1 <= a.grpc_status <= _MAX_GRPC_STATUS:
+            raise ConfigError(
+                at(apath, "grpc_status"), f"must be a gRPC error status (1..16; 0 is OK), got {a.grpc_status}"
+            )
 
 
 def _check_match(m: pb.RouteMatch, path: str) -> None:

@@ -8,9 +8,12 @@ import pickle
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from meshproxy import config
+from meshproxy import config, resilience
 from meshproxy.config import ConfigError
+from meshproxy.config.v1 import config_pb2 as pb
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "sidecar.yaml"
 
@@ -396,6 +399,84 @@ SEMANTIC_ERRORS = [
     ("idle-timeout-negative", lambda d: cluster(d).update(idle_timeout="-0.5s"), "clusters[0].idle_timeout", "-0.5s"),
     ("idle-timeout-0", lambda d: cluster(d).update(idle_timeout="0s"), "clusters[0].idle_timeout", "greater than 0"),
     ("cluster-hash-header", lambda d: cluster(d).update(hash_header="a:b"), "clusters[0].hash_header", "header name"),
+    # listener idle timeouts: 0s is "none", a negative one is refused
+    ("stream-idle-negative", lambda d: listener(d).update(stream_idle_timeout="-1s"),
+     "listeners[0].stream_idle_timeout", "0 or more"),
+    ("idle-negative", lambda d: listener(d).update(idle_timeout="-0.001s"), "listeners[0].idle_timeout", "0 or more"),
+    # retry backoff
+    ("retry-base-0", lambda d: split_route(d).update(retry_policy={"base_interval": "0s"}),
+     f"{R0}.retry_policy.base_interval", "greater than 0"),
+    ("retry-max-0", lambda d: split_route(d).update(retry_policy={"max_interval": "0s"}),
+     f"{R0}.retry_policy.max_interval", "greater than 0"),
+    ("retry-max-below-base", lambda d: split_route(d).update(retry_policy={"base_interval": "1s",
+                                                                           "max_interval": "0.5s"}),
+     f"{R0}.retry_policy.max_interval", "0.5s is below base_interval (1s)"),
+    ("retry-per-try-0", lambda d: split_route(d).update(retry_policy={"per_try_timeout": "0s"}),
+     f"{R0}.retry_policy.per_try_timeout", "greater than 0"),
+    ("retry-on", lambda d: split_route(d).update(retry_policy={"retry_on": ["5xx", "sometimes"]}),
+     f"{R0}.retry_policy.retry_on[1]", "unknown condition 'sometimes'"),
+    # fault injection
+    ("fault-empty", lambda d: split_route(d).update(fault={}), f"{R0}.fault", "neither delay nor abort"),
+    ("fault-delay-no-time", lambda d: split_route(d).update(fault={"delay": {"percentage": 10}}),
+     f"{R0}.fault.delay.fixed_delay", "is required"),
+    ("fault-delay-0", lambda d: split_route(d).update(fault={"delay": {"fixed_delay": "0s"}}),
+     f"{R0}.fault.delay.fixed_delay", "greater than 0"),
+    ("fault-delay-negative", lambda d: split_route(d).update(fault={"delay": {"fixed_delay": "-1s"}}),
+     f"{R0}.fault.delay.fixed_delay", "greater than 0"),
+    ("fault-delay-pct-high", lambda d: split_route(d).update(fault={"delay": {"fixed_delay": "1s",
+                                                                              "percentage": 100.5}}),
+     f"{R0}.fault.delay.percentage", "from 0 to 100, got 100.5"),
+    ("fault-delay-pct-low", lambda d: split_route(d).update(fault={"delay": {"fixed_delay": "1s",
+                                                                             "percentage": -1}}),
+     f"{R0}.fault.delay.percentage", "from 0 to 100, got -1"),
+    ("fault-abort-no-error", lambda d: split_route(d).update(fault={"abort": {"percentage": 5}}),
+     f"{R0}.fault.abort", "no error: set http_status or grpc_status"),
+    ("fault-abort-pct", lambda d: split_route(d).update(fault={"abort": {"http_status": 503, "percentage": 101}}),
+     f"{R0}.fault.abort.percentage", "from 0 to 100, got 101"),
+    ("fault-abort-http-low", lambda d: split_route(d).update(fault={"abort": {"http_status": 199}}),
+     f"{R0}.fault.abort.http_status", "from 200 to 599, got 199"),
+    ("fault-abort-http-high", lambda d: split_route(d).update(fault={"abort": {"http_status": 600}}),
+     f"{R0}.fault.abort.http_status", "from 200 to 599, got 600"),
+    ("fault-abort-http-0", lambda d: split_route(d).update(fault={"abort": {"http_status": 0}}),
+     f"{R0}.fault.abort.http_status", "from 200 to 599, got 0"),
+    ("fault-abort-grpc-ok", lambda d: split_route(d).update(fault={"abort": {"grpc_status": 0}}),
+     f"{R0}.fault.abort.grpc_status", "1..16; 0 is OK"),
+    ("fault-abort-grpc-17", lambda d: split_route(d).update(fault={"abort": {"grpc_status": 17}}),
+     f"{R0}.fault.abort.grpc_status", "got 17"),
+    ("fault-on-direct-response", lambda d: other_route(d, 2).update(fault={"abort": {"http_status": 1000}}),
+     "listeners[0].virtual_hosts[1].routes[2].fault.abort.http_status", "got 1000"),
+    # active health checks
+    ("health-interval-short", lambda d: cluster(d).update(health_check={"interval": "0.05s"}),
+     "clusters[0].health_check.interval", "at least 0.1s"),
+    ("health-interval-0", lambda d: cluster(d).update(health_check={"interval": "0s"}),
+     "clusters[0].health_check.interval", "greater than 0"),
+    ("health-timeout-over-interval", lambda d: cluster(d).update(health_check={"interval": "1s", "timeout": "2s"}),
+     "clusters[0].health_check.timeout", "must not exceed interval"),
+    ("health-timeout-over-default-interval", lambda d: cluster(d).update(health_check={"timeout": "11s"}),
+     "clusters[0].health_check.timeout", "must not exceed interval"),
+    ("health-threshold", lambda d: cluster(d).update(health_check={"healthy_threshold": 1001}),
+     "clusters[0].health_check.healthy_threshold", "at most 1000"),
+    # outlier detection: what OutlierDetector would refuse
+    ("outlier-interval-0", lambda d: cluster(d).update(outlier_detection={"interval": "0s"}),
+     "clusters[0].outlier_detection.interval", "greater than 0"),
+    ("outlier-base-0", lambda d: cluster(d).update(outlier_detection={"base_ejection_time": "0s"}),
+     "clusters[0].outlier_detection.base_ejection_time", "greater than 0"),
+    ("outlier-max-negative", lambda d: cluster(d).update(outlier_detection={"max_ejection_time": "-5s"}),
+     "clusters[0].outlier_detection.max_ejection_time", "greater than 0"),
+    ("outlier-max-below-base", lambda d: cluster(d).update(
+        outlier_detection={"base_ejection_time": "60s", "max_ejection_time": "59.999s"}),
+     "clusters[0].outlier_detection.max_ejection_time", "59.999s is below base_ejection_time (60s)"),
+    ("outlier-max-below-default-base", lambda d: cluster(d).update(outlier_detection={"max_ejection_time": "10s"}),
+     "clusters[0].outlier_detection.max_ejection_time", "10s is below base_ejection_time (30s when unset)"),
+    ("outlier-base-above-default-max", lambda d: cluster(d).update(
+        outlier_detection={"base_ejection_time": "301s"}),
+     "clusters[0].outlier_detection.base_ejection_time", "exceeds max_ejection_time (300s when unset)"),
+    ("outlier-interval-huge", lambda d: cluster(d).update(outlier_detection={"interval": "4611686019s"}),
+     "clusters[0].outlier_detection.interval", "at most 2^62 ns"),
+    ("outlier-max-huge", lambda d: cluster(d).update(outlier_detection={"max_ejection_time": "315576000000s"}),
+     "clusters[0].outlier_detection.max_ejection_time", "at most 2^62 ns"),
+    ("outlier-percent", lambda d: cluster(d).update(outlier_detection={"max_ejection_percent": 101}),
+     "clusters[0].outlier_detection.max_ejection_percent", "from 0 to 100, got 101"),
 ]  # fmt: skip
 
 
@@ -428,6 +509,151 @@ def test_valid_edge_values_pass():
     cfg = config.from_dict(with_change(change))
     # header_table_size 0 is meaningful (no dynamic table), so it is kept as set.
     assert cfg.listeners[0].http2.HasField("header_table_size")
+
+
+def test_resilience_fields_accept_their_edge_values():
+    def change(d):
+        listener(d).update(stream_idle_timeout="0s", idle_timeout="0s")
+        split_route(d).update(
+            retry_policy={"num_retries": 2, "base_interval": "0.025s", "max_interval": "0.025s"},
+            fault={
+                "delay": {"fixed_delay": "0.001s", "percentage": 0},
+                "abort": {"grpc_status": 16, "percentage": 100},
+            },
+        )
+        other_route(d, 0)["fault"] = {"abort": {"http_status": 200}}
+        other_route(d, 1)["fault"] = {"abort": {"http_status": 599, "percentage": 0.0001}}
+        other_route(d, 1)["retry_policy"] = {"max_interval": "0.001s"}  # below the default base: a cap, not an error
+        other_route(d, 2)["fault"] = {"delay": {"fixed_delay": "3600s"}, "abort": {"grpc_status": 1}}
+        cluster(d).update(
+            circuit_breakers={
+                "max_connections": 0,
+                "max_pending_requests": 1,
+                "max_requests": 2**32 - 1,
+                "max_retries": 3,
+            },
+            outlier_detection={
+                "consecutive_5xx": 0,
+                "consecutive_gateway_errors": 2**32 - 1,
+                "consecutive_local_origin_failures": 0,
+                "split_external_local_origin_errors": True,
+                "interval": "0.000000001s",
+                "base_ejection_time": "4611686018.427387904s",  # 2^62 ns, OutlierDetector's limit
+                "max_ejection_time": "4611686018.427387904s",
+                "max_ejection_percent": 100,
+            },
+        )
+        d["clusters"] += [
+            {"name": "base-only", "outlier_detection": {"base_ejection_time": "300s", "max_ejection_percent": 0}},
+            {"name": "max-only", "outlier_detection": {"max_ejection_time": "30s"}},
+            {"name": "empty", "outlier_detection": {}, "circuit_breakers": {}},
+        ]
+
+    cfg = config.from_dict(with_change(change))
+    lis, route = cfg.listeners[0], cfg.listeners[0].virtual_hosts[0].routes[0]
+    # 0s is "no timeout", kept apart from unset (the 300s and 3600s defaults)
+    assert lis.HasField("stream_idle_timeout") and lis.HasField("idle_timeout")
+    assert route.fault.delay.HasField("percentage") and route.fault.delay.percentage == 0
+    assert route.fault.abort.WhichOneof("error") == "grpc_status"
+    od = cfg.clusters[0].outlier_detection
+    assert od.HasField("consecutive_5xx") and od.consecutive_5xx == 0
+    assert not cfg.clusters[3].outlier_detection.HasField("max_ejection_percent")
+    assert config.from_yaml(config.to_yaml(cfg)) == cfg
+
+
+def test_nan_percentages_are_refused():
+    cfg = config.from_dict(
+        with_change(
+            lambda d: split_route(d).update(fault={"delay": {"fixed_delay": "1s"}, "abort": {"http_status": 503}})
+        )
+    )
+    cfg.listeners[0].virtual_hosts[0].routes[0].fault.delay.percentage = float("nan")
+    with pytest.raises(
+        ConfigError, match=r"^listeners\[0\].*\.routes\[0\]\.fault\.delay\.percentage: must be from 0 to 100, got nan$"
+    ):
+        config.validate(cfg)
+    cfg.listeners[0].virtual_hosts[0].routes[0].fault.delay.percentage = 50
+    cfg.listeners[0].virtual_hosts[0].routes[0].fault.abort.percentage = float("nan")
+    with pytest.raises(ConfigError, match=r"\.fault\.abort\.percentage: must be from 0 to 100, got nan$"):
+        config.validate(cfg)
+
+
+def _ns(d) -> int:
+    return d.seconds * 1_000_000_000 + d.nanos
+
+
+def outlier_detector(od: pb.OutlierDetection, n: int, outlier=resilience.outlier):
+    """The OutlierDetector the sidecar builds from ``od``: unset fields at the proto's defaults."""
+    kwargs = {
+        "consecutive_gateway_errors": od.consecutive_gateway_errors,
+        "split_external_local_origin_errors": od.split_external_local_origin_errors,
+    }
+    for field in ("consecutive_5xx", "consecutive_local_origin_failures", "max_ejection_percent"):
+        if od.HasField(field):
+            kwargs[field] = getattr(od, field)
+    for field, arg in (
+        ("interval", "interval_ns"),
+        ("base_ejection_time", "base_ejection_time_ns"),
+        ("max_ejection_time", "max_ejection_time_ns"),
+    ):
+        if od.HasField(field):
+            kwargs[arg] = _ns(getattr(od, field))
+    return outlier.OutlierDetector(n, **kwargs)
+
+
+_TIMES_NS = st.one_of(
+    st.none(),
+    st.integers(-3, 3),
+    st.integers(-(10**13), 10**13),
+    st.integers(2**62 - 3, 2**62 + 3),
+    st.sampled_from([30 * 10**9, 300 * 10**9, 300 * 10**9 + 1, 30 * 10**9 - 1]),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    c5xx=st.one_of(st.none(), st.integers(0, 2**32 - 1)),
+    gateway=st.integers(0, 2**32 - 1),
+    local=st.one_of(st.none(), st.integers(0, 2**32 - 1)),
+    split=st.booleans(),
+    interval=_TIMES_NS,
+    base=_TIMES_NS,
+    most=_TIMES_NS,
+    percent=st.one_of(st.none(), st.integers(0, 120), st.just(2**32 - 1)),
+)
+def test_validate_accepts_exactly_the_outlier_detection_the_sidecar_can_build(
+    c5xx, gateway, local, split, interval, base, most, percent
+):
+    cfg = config.from_dict(base_config_with_outlier())
+    od = cfg.clusters[0].outlier_detection
+    od.consecutive_gateway_errors = gateway
+    od.split_external_local_origin_errors = split
+    for field, value in (("consecutive_5xx", c5xx), ("consecutive_local_origin_failures", local)):
+        if value is not None:
+            setattr(od, field, value)
+    if percent is not None:
+        od.max_ejection_percent = percent
+    for field, ns in (("interval", interval), ("base_ejection_time", base), ("max_ejection_time", most)):
+        if ns is not None:
+            getattr(od, field).FromNanoseconds(ns)
+    try:
+        config.validate(cfg)
+        accepted = True
+    except ConfigError as exc:
+        assert exc.path.startswith("clusters[0].outlier_detection."), str(exc)
+        accepted = False
+    twins = [resilience.pure()[1]] + ([resilience.compiled()[1]] if resilience.compiled() else [])
+    for twin in twins:
+        try:
+            outlier_detector(od, 3, twin)
+            built = True
+        except ValueError:
+            built = False
+        assert built == accepted, (twin.__name__, od)
+
+
+def base_config_with_outlier() -> dict:
+    return with_change(lambda d: cluster(d).update(outlier_detection={}))
 
 
 def test_validate_checks_messages_built_in_code():

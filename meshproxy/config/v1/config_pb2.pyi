@@ -46,20 +46,24 @@ class Node(_message.Message):
     def __init__(self, id: _Optional[str] = ..., namespace: _Optional[str] = ..., workload: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., service_account: _Optional[str] = ...) -> None: ...
 
 class Listener(_message.Message):
-    __slots__ = ("name", "address", "virtual_hosts", "http2", "per_stream_buffer_limit_bytes", "per_connection_buffer_limit_bytes")
+    __slots__ = ("name", "address", "virtual_hosts", "http2", "per_stream_buffer_limit_bytes", "per_connection_buffer_limit_bytes", "stream_idle_timeout", "idle_timeout")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     VIRTUAL_HOSTS_FIELD_NUMBER: _ClassVar[int]
     HTTP2_FIELD_NUMBER: _ClassVar[int]
     PER_STREAM_BUFFER_LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
     PER_CONNECTION_BUFFER_LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STREAM_IDLE_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    IDLE_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     virtual_hosts: _containers.RepeatedCompositeFieldContainer[VirtualHost]
     http2: Http2Settings
     per_stream_buffer_limit_bytes: int
     per_connection_buffer_limit_bytes: int
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., virtual_hosts: _Optional[_Iterable[_Union[VirtualHost, _Mapping]]] = ..., http2: _Optional[_Union[Http2Settings, _Mapping]] = ..., per_stream_buffer_limit_bytes: _Optional[int] = ..., per_connection_buffer_limit_bytes: _Optional[int] = ...) -> None: ...
+    stream_idle_timeout: _duration_pb2.Duration
+    idle_timeout: _duration_pb2.Duration
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., virtual_hosts: _Optional[_Iterable[_Union[VirtualHost, _Mapping]]] = ..., http2: _Optional[_Union[Http2Settings, _Mapping]] = ..., per_stream_buffer_limit_bytes: _Optional[int] = ..., per_connection_buffer_limit_bytes: _Optional[int] = ..., stream_idle_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., idle_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class Http2Settings(_message.Message):
     __slots__ = ("max_concurrent_streams", "initial_stream_window_size", "initial_connection_window_size", "max_frame_size", "max_header_list_size", "header_table_size")
@@ -88,32 +92,62 @@ class VirtualHost(_message.Message):
     def __init__(self, name: _Optional[str] = ..., domains: _Optional[_Iterable[str]] = ..., routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ...) -> None: ...
 
 class Route(_message.Message):
-    __slots__ = ("name", "match", "route", "direct_response", "timeout", "retry_policy")
+    __slots__ = ("name", "match", "route", "direct_response", "timeout", "retry_policy", "fault")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MATCH_FIELD_NUMBER: _ClassVar[int]
     ROUTE_FIELD_NUMBER: _ClassVar[int]
     DIRECT_RESPONSE_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     RETRY_POLICY_FIELD_NUMBER: _ClassVar[int]
+    FAULT_FIELD_NUMBER: _ClassVar[int]
     name: str
     match: RouteMatch
     route: RouteAction
     direct_response: DirectResponse
     timeout: _duration_pb2.Duration
     retry_policy: RetryPolicy
-    def __init__(self, name: _Optional[str] = ..., match: _Optional[_Union[RouteMatch, _Mapping]] = ..., route: _Optional[_Union[RouteAction, _Mapping]] = ..., direct_response: _Optional[_Union[DirectResponse, _Mapping]] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., retry_policy: _Optional[_Union[RetryPolicy, _Mapping]] = ...) -> None: ...
+    fault: FaultInjection
+    def __init__(self, name: _Optional[str] = ..., match: _Optional[_Union[RouteMatch, _Mapping]] = ..., route: _Optional[_Union[RouteAction, _Mapping]] = ..., direct_response: _Optional[_Union[DirectResponse, _Mapping]] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., retry_policy: _Optional[_Union[RetryPolicy, _Mapping]] = ..., fault: _Optional[_Union[FaultInjection, _Mapping]] = ...) -> None: ...
+
+class FaultInjection(_message.Message):
+    __slots__ = ("delay", "abort")
+    class Delay(_message.Message):
+        __slots__ = ("fixed_delay", "percentage")
+        FIXED_DELAY_FIELD_NUMBER: _ClassVar[int]
+        PERCENTAGE_FIELD_NUMBER: _ClassVar[int]
+        fixed_delay: _duration_pb2.Duration
+        percentage: float
+        def __init__(self, fixed_delay: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., percentage: _Optional[float] = ...) -> None: ...
+    class Abort(_message.Message):
+        __slots__ = ("percentage", "http_status", "grpc_status")
+        PERCENTAGE_FIELD_NUMBER: _ClassVar[int]
+        HTTP_STATUS_FIELD_NUMBER: _ClassVar[int]
+        GRPC_STATUS_FIELD_NUMBER: _ClassVar[int]
+        percentage: float
+        http_status: int
+        grpc_status: int
+        def __init__(self, percentage: _Optional[float] = ..., http_status: _Optional[int] = ..., grpc_status: _Optional[int] = ...) -> None: ...
+    DELAY_FIELD_NUMBER: _ClassVar[int]
+    ABORT_FIELD_NUMBER: _ClassVar[int]
+    delay: FaultInjection.Delay
+    abort: FaultInjection.Abort
+    def __init__(self, delay: _Optional[_Union[FaultInjection.Delay, _Mapping]] = ..., abort: _Optional[_Union[FaultInjection.Abort, _Mapping]] = ...) -> None: ...
 
 class RetryPolicy(_message.Message):
-    __slots__ = ("num_retries", "per_try_timeout", "retry_on", "budget")
+    __slots__ = ("num_retries", "per_try_timeout", "retry_on", "budget", "base_interval", "max_interval")
     NUM_RETRIES_FIELD_NUMBER: _ClassVar[int]
     PER_TRY_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     RETRY_ON_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
+    BASE_INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    MAX_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     num_retries: int
     per_try_timeout: _duration_pb2.Duration
     retry_on: _containers.RepeatedScalarFieldContainer[str]
     budget: RetryBudget
-    def __init__(self, num_retries: _Optional[int] = ..., per_try_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., retry_on: _Optional[_Iterable[str]] = ..., budget: _Optional[_Union[RetryBudget, _Mapping]] = ...) -> None: ...
+    base_interval: _duration_pb2.Duration
+    max_interval: _duration_pb2.Duration
+    def __init__(self, num_retries: _Optional[int] = ..., per_try_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., retry_on: _Optional[_Iterable[str]] = ..., budget: _Optional[_Union[RetryBudget, _Mapping]] = ..., base_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class RetryBudget(_message.Message):
     __slots__ = ("retry_ratio", "min_retries_per_second", "ttl")
@@ -200,7 +234,7 @@ class DirectResponse(_message.Message):
     def __init__(self, status: _Optional[int] = ..., body: _Optional[str] = ..., grpc_status: _Optional[int] = ..., grpc_message: _Optional[str] = ...) -> None: ...
 
 class Cluster(_message.Message):
-    __slots__ = ("name", "lb_policy", "hash_header", "endpoints", "subsets", "connect_timeout", "max_concurrent_streams_per_connection", "idle_timeout", "max_connections_per_endpoint", "retry_budget")
+    __slots__ = ("name", "lb_policy", "hash_header", "endpoints", "subsets", "connect_timeout", "max_concurrent_streams_per_connection", "idle_timeout", "max_connections_per_endpoint", "retry_budget", "circuit_breakers", "outlier_detection", "health_check")
     class LbPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         PEAK_EWMA: _ClassVar[Cluster.LbPolicy]
@@ -223,6 +257,9 @@ class Cluster(_message.Message):
     IDLE_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     MAX_CONNECTIONS_PER_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     RETRY_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    CIRCUIT_BREAKERS_FIELD_NUMBER: _ClassVar[int]
+    OUTLIER_DETECTION_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_CHECK_FIELD_NUMBER: _ClassVar[int]
     name: str
     lb_policy: Cluster.LbPolicy
     hash_header: str
@@ -233,7 +270,56 @@ class Cluster(_message.Message):
     idle_timeout: _duration_pb2.Duration
     max_connections_per_endpoint: int
     retry_budget: RetryBudget
-    def __init__(self, name: _Optional[str] = ..., lb_policy: _Optional[_Union[Cluster.LbPolicy, str]] = ..., hash_header: _Optional[str] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ..., subsets: _Optional[_Iterable[_Union[Subset, _Mapping]]] = ..., connect_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_concurrent_streams_per_connection: _Optional[int] = ..., idle_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_connections_per_endpoint: _Optional[int] = ..., retry_budget: _Optional[_Union[RetryBudget, _Mapping]] = ...) -> None: ...
+    circuit_breakers: CircuitBreakers
+    outlier_detection: OutlierDetection
+    health_check: HealthCheck
+    def __init__(self, name: _Optional[str] = ..., lb_policy: _Optional[_Union[Cluster.LbPolicy, str]] = ..., hash_header: _Optional[str] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ..., subsets: _Optional[_Iterable[_Union[Subset, _Mapping]]] = ..., connect_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_concurrent_streams_per_connection: _Optional[int] = ..., idle_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_connections_per_endpoint: _Optional[int] = ..., retry_budget: _Optional[_Union[RetryBudget, _Mapping]] = ..., circuit_breakers: _Optional[_Union[CircuitBreakers, _Mapping]] = ..., outlier_detection: _Optional[_Union[OutlierDetection, _Mapping]] = ..., health_check: _Optional[_Union[HealthCheck, _Mapping]] = ...) -> None: ...
+
+class HealthCheck(_message.Message):
+    __slots__ = ("interval", "timeout", "unhealthy_threshold", "healthy_threshold", "grpc_service_name")
+    INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    UNHEALTHY_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    HEALTHY_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    GRPC_SERVICE_NAME_FIELD_NUMBER: _ClassVar[int]
+    interval: _duration_pb2.Duration
+    timeout: _duration_pb2.Duration
+    unhealthy_threshold: int
+    healthy_threshold: int
+    grpc_service_name: str
+    def __init__(self, interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., unhealthy_threshold: _Optional[int] = ..., healthy_threshold: _Optional[int] = ..., grpc_service_name: _Optional[str] = ...) -> None: ...
+
+class CircuitBreakers(_message.Message):
+    __slots__ = ("max_connections", "max_pending_requests", "max_requests", "max_retries")
+    MAX_CONNECTIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_PENDING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_RETRIES_FIELD_NUMBER: _ClassVar[int]
+    max_connections: int
+    max_pending_requests: int
+    max_requests: int
+    max_retries: int
+    def __init__(self, max_connections: _Optional[int] = ..., max_pending_requests: _Optional[int] = ..., max_requests: _Optional[int] = ..., max_retries: _Optional[int] = ...) -> None: ...
+
+class OutlierDetection(_message.Message):
+    __slots__ = ("consecutive_5xx", "consecutive_gateway_errors", "consecutive_local_origin_failures", "split_external_local_origin_errors", "interval", "base_ejection_time", "max_ejection_time", "max_ejection_percent")
+    CONSECUTIVE_5XX_FIELD_NUMBER: _ClassVar[int]
+    CONSECUTIVE_GATEWAY_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    CONSECUTIVE_LOCAL_ORIGIN_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_EXTERNAL_LOCAL_ORIGIN_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    BASE_EJECTION_TIME_FIELD_NUMBER: _ClassVar[int]
+    MAX_EJECTION_TIME_FIELD_NUMBER: _ClassVar[int]
+    MAX_EJECTION_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    consecutive_5xx: int
+    consecutive_gateway_errors: int
+    consecutive_local_origin_failures: int
+    split_external_local_origin_errors: bool
+    interval: _duration_pb2.Duration
+    base_ejection_time: _duration_pb2.Duration
+    max_ejection_time: _duration_pb2.Duration
+    max_ejection_percent: int
+    def __init__(self, consecutive_5xx: _Optional[int] = ..., consecutive_gateway_errors: _Optional[int] = ..., consecutive_local_origin_failures: _Optional[int] = ..., split_external_local_origin_errors: _Optional[bool] = ..., interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., base_ejection_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_ejection_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_ejection_percent: _Optional[int] = ...) -> None: ...
 
 class Endpoint(_message.Message):
     __slots__ = ("address", "weight", "labels")
