@@ -79,9 +79,13 @@ __all__ = [
     "EV_RETRY",
     "EV_TERMINATED",
     "EV_TRAILERS",
+    "RETRY_RESET",
+    "RETRY_STATUS",
     "H2Connection",
     "Outbox",
+    "RetryOn",
     "Stream",
+    "abandon",
     "link",
     "monotonic_ns",
 ]
@@ -95,7 +99,11 @@ EV_CLOSED = 5  # (EV_CLOSED, stream): a stream with notify_close ended (cleanly 
 EV_GOAWAY = 6  # (EV_GOAWAY, last_stream_id, error_code, debug): the peer is going away
 EV_IDLE = 7  # (EV_IDLE,): no streams left on a connection that is going away: close it
 EV_TERMINATED = 8  # (EV_TERMINATED, error_code, message): connection error; GOAWAY is queued: flush, close
-EV_RETRY = 9  # (EV_RETRY, stream): the upstream never processed this request; send it again elsewhere
+EV_RETRY = 9  # (EV_RETRY, stream): send this request again (never processed upstream, or retry.hook said so)
+
+# Why retry.hook is asked (its third argument).
+RETRY_RESET = 1  # the upstream stream was reset, or its connection lost, before response headers
+RETRY_STATUS = 2  # response headers whose status (or trailers-only grpc-status) retry wants
 
 # Stream states (§5.1).
 S_IDLE = 0
@@ -280,12 +288,62 @@ def _mark(c: H2Connection) -> None:
 # -- streams ---------------------------------------------------------------------------------------
 
 
+class RetryOn:
+    """When a failed attempt of a request is offered for another one (a route's retry conditions).
+
+    Set on a downstream (server-role) stream as ``stream.retry``; None (the
+    default) means never. The core tests the conditions itself, so a
+    response that does not meet them costs no Python: response headers with
+    a status >= 500 (``on_5xx``), 502-504 (``on_gateway``) or in
+    ``statuses``, or a trailers-only gRPC response whose grpc-status is in
+    ``grpc_statuses``; or (``on_reset``) a reset of the upstream stream or
+    the loss of its connection before response headers. Only while nothing
+    of the response went downstream and the request body is still whole in
+    the replay copy (``REPLAY_LIMIT``). Then ``hook(stream, upstream,
+    reason)`` decides (attempts left, budget): true, and the core cancels
+    the attempt, keeps the request (body included) and raises ``EV_RETRY``
+    for it; false, and the response (or the reset) goes downstream as it
+    would have.
+    """
+
+    __slots__ = ("_grpc_mask", "_on_5xx", "_on_gateway", "_on_reset", "_statuses", "hook")
+
+    def __init__(self, hook, *, on_5xx=False, on_gateway=False, on_reset=False, statuses=(), grpc_statuses=()):
+        if not callable(hook):
+            raise TypeError("hook must be callable")
+        mask = 0
+        for g in grpc_statuses:
+            if not 0 <= g <= 31:
+                raise ValueError(f"grpc status {g} out of range")
+            mask |= 1 << int(g)
+        self.hook = hook
+        self._on_5xx = bool(on_5xx)
+        self._on_gateway = bool(on_gateway)
+        self._on_reset = bool(on_reset)
+        self._statuses = frozenset(int(x) for x in statuses)
+        self._grpc_mask = mask
+
+    on_5xx = property(attrgetter("_on_5xx"))
+    on_gateway = property(attrgetter("_on_gateway"))
+    on_reset = property(attrgetter("_on_reset"))
+    statuses = property(attrgetter("_statuses"))
+    grpc_mask = property(attrgetter("_grpc_mask"))
+
+    def matches(self, status: int, grpc_status: int = -1) -> bool:
+        """Whether response headers with ``status`` (and, trailers-only, ``grpc_status``; -1 none) qualify."""
+        if status >= 500 and (self._on_5xx or (self._on_gateway and 502 <= status <= 504)):
+            return True
+        if 0 <= grpc_status < 32 and (self._grpc_mask >> grpc_status) & 1:
+            return True
+        return status in self._statuses
+
+
 class Stream:
     """One HTTP/2 stream. Made by the connection; read-only from Python but for ``user``,
     ``notify_close`` and ``response_flags``."""
 
     __slots__ = (
-        "_attempts",  # times the request was sent again (REFUSED_STREAM, GOAWAY)
+        "_attempts",  # times the request was sent again (any reason)
         "_authority",
         "_blocked",  # in conn._blocked, waiting for the connection window
         "_closed_remote_reset",  # the peer reset it
@@ -315,12 +373,14 @@ class Stream:
         "_recv_headers",  # the first non-informational header block is in
         "_recv_unacked",
         "_recv_window",
+        "_redispatched",  # of the attempts, after REFUSED_STREAM / GOAWAY (capped at MAX_REDISPATCH)
         "_replay",  # the request body forwarded so far, while it may be sent again
         "_replay_ok",
         "_request_id",
         "_resend",  # replay is to be sent again when the stream is linked
         "_reset_after_end",  # RST_STREAM NO_ERROR once our END_STREAM is out (§8.1)
         "_response_flags",  # Envoy-style flags set by the core (UR, UC), None otherwise
+        "_retry",  # server role: when to offer a failed attempt to retry.hook (RetryOn or None)
         "_scheme",
         "_send_window",
         "_sent_end",
@@ -406,6 +466,8 @@ class Stream:
         s._replay_ok = False
         s._resend = False
         s._attempts = 0
+        s._redispatched = 0
+        s._retry = None
         c._streams[sid] = s
         c._streams_total += 1
         return s
@@ -417,6 +479,16 @@ class Stream:
     @notify_close.setter
     def notify_close(self, value) -> None:
         self._notify_close = bool(value)
+
+    @property
+    def retry(self) -> RetryOn | None:
+        return self._retry
+
+    @retry.setter
+    def retry(self, value: RetryOn | None) -> None:
+        if value is not None and not isinstance(value, RetryOn):
+            raise TypeError(f"Expected RetryOn, got {type(value).__name__}")
+        self._retry = value
 
     @property
     def response_flags(self) -> str | None:
@@ -791,6 +863,10 @@ class H2Connection:
     def get_stream(self, stream_id: int) -> Stream | None:
         return self._streams.get(stream_id)
 
+    def live_streams(self) -> list[Stream]:
+        """The streams not closed yet, in the order they opened."""
+        return list(self._streams.values())
+
     def data_to_send(self) -> bytes:
         """Take the bytes queued for the peer (for callers without an Outbox)."""
         b = bytes(self._out)
@@ -1161,8 +1237,26 @@ class H2Connection:
         s._headers = headers
         s._t_response_ns = monotonic_ns()
         if s._peer is not None:
-            s._peer._replay_ok = False  # the upstream processed it: never sent again
-            s._peer._replay = None
+            peer = s._peer
+            r = peer._retry
+            if (
+                r is not None
+                and peer._replay_ok
+                and not peer._sent_headers
+                and r.matches(s._status, s._grpc_status if end_stream else -1)
+                and r.hook(peer, s, RETRY_STATUS)
+            ):
+                # Another attempt instead: nothing of this response goes downstream.
+                _detach(s, peer)
+                if end_stream and s._sent_end:
+                    self._recv_end(s)
+                else:
+                    self._stream_error(s, E_CANCEL)
+                _event(peer._conn, (EV_RETRY, peer))
+                _mark(peer._conn)
+                return
+            peer._replay_ok = False  # the upstream processed it: never sent again
+            peer._replay = None
         if s._head or s._status == 304 or s._status == 204:
             s._content_length = -1
         if s._peer is not None:
@@ -1574,25 +1668,26 @@ class H2Connection:
         if (
             abnormal
             and self._client
-            and s._unprocessed
             and peer is not None
             and peer._replay_ok
             and not peer._sent_headers
             and peer._state != S_CLOSED
-            and peer._attempts < MAX_REDISPATCH
+            and (
+                (s._unprocessed and peer._redispatched < MAX_REDISPATCH)
+                or (
+                    not s._unprocessed
+                    and peer._retry is not None
+                    and peer._retry._on_reset
+                    and peer._retry.hook(peer, s, RETRY_RESET)
+                )
+            )
         ):
             # The upstream never saw this request (REFUSED_STREAM, or above its
-            # GOAWAY's last stream id): hand it back to be sent elsewhere.
-            if s._pending:
-                peer._conn._credit(peer, len(s._pending))  # sent again from the replay copy
-                _mark(peer._conn)
-            s._pending = None
-            _unlink(s)
-            peer._attempts += 1
-            peer._hold = True
-            peer._resend = True
-            if peer._recv_end and peer._trailers is None:
-                peer._held_end = True
+            # GOAWAY's last stream id), or it did and the route retries resets:
+            # hand it back to be sent elsewhere.
+            if s._unprocessed:
+                peer._redispatched += 1
+            _detach(s, peer)
             _event(peer._conn, (EV_RETRY, peer))
             if s._notify_close:
                 _event(self, (EV_CLOSED, s))
@@ -1704,6 +1799,43 @@ def _unlink(s: Stream) -> None:
     if s._peer is not None:
         s._peer._peer = None
         s._peer = None
+
+
+def _detach(up: Stream, down: Stream) -> None:
+    """Take ``down``'s request back from its attempt ``up`` to be sent again: unlinked, holding
+    what arrives, its replay copy to go out first on the next link."""
+    if up._pending:
+        down._conn._credit(down, len(up._pending))  # sent again from the replay copy
+        _mark(down._conn)
+    up._pending = None
+    up._pending_end = False
+    up._pending_trailers = None
+    _unlink(up)
+    down._attempts += 1
+    down._hold = True
+    down._resend = True
+    if down._recv_end and down._trailers is None:
+        down._held_end = True
+
+
+def abandon(down: Stream) -> bool:
+    """Cancel the attempt in flight for ``down``'s request and keep the request to send again.
+
+    For a per-try timeout. Possible while no response headers came back and
+    the request body is whole in the replay copy: then the upstream stream
+    is reset (CANCEL), ``down`` is unlinked and holds what arrives, and the
+    next ``open_forward`` sends the request again; returns True. Otherwise
+    changes nothing and returns False. Raises no event.
+    """
+    _typed(down, Stream, "down")
+    up = down._peer
+    if up is None or down._state == S_CLOSED or down._sent_headers or not down._replay_ok or up._recv_headers:
+        return False
+    _detach(up, down)
+    if up._state != S_CLOSED:
+        up._conn._stream_error(up, E_CANCEL)
+        _mark(up._conn)
+    return True
 
 
 def link(a: Stream, b: Stream) -> None:

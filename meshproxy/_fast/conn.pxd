@@ -9,6 +9,17 @@ from meshproxy._fast.hpack cimport Decoder, Encoder
 cdef class H2Connection
 
 
+cdef class RetryOn:
+    cdef readonly bint on_5xx
+    cdef readonly bint on_gateway
+    cdef readonly bint on_reset
+    cdef readonly frozenset statuses
+    cdef readonly uint32_t grpc_mask
+    cdef public object hook
+
+    cdef bint wants(self, int status, int grpc_status)
+
+
 cdef class Outbox:
     cdef list _dirty
     cdef list _evented
@@ -61,7 +72,9 @@ cdef class Stream:
     cdef bytearray replay            # the request body forwarded so far, while it may be sent again
     cdef bint replay_ok
     cdef bint resend                 # replay is to be sent again when the stream is linked
-    cdef readonly int attempts       # times the request was sent again (REFUSED_STREAM, GOAWAY)
+    cdef readonly int attempts       # times the request was sent again (any reason)
+    cdef int redispatched            # of those, after REFUSED_STREAM / GOAWAY (capped at MAX_REDISPATCH)
+    cdef public RetryOn retry        # server role: when to offer a failed attempt to retry.hook
 
 
 cdef class H2Connection:

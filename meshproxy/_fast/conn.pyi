@@ -15,9 +15,31 @@ EV_GOAWAY: int
 EV_IDLE: int
 EV_TERMINATED: int
 EV_RETRY: int
+RETRY_RESET: int
+RETRY_STATUS: int
 
 def monotonic_ns() -> int: ...
 def link(a: Stream, b: Stream) -> None: ...
+def abandon(down: Stream) -> bool: ...
+
+class RetryOn:
+    on_5xx: bool
+    on_gateway: bool
+    on_reset: bool
+    statuses: frozenset[int]
+    grpc_mask: int
+    hook: Callable[[Stream, Stream, int], object]
+    def __init__(
+        self,
+        hook: Callable[[Stream, Stream, int], object],
+        *,
+        on_5xx: bool = False,
+        on_gateway: bool = False,
+        on_reset: bool = False,
+        statuses: Iterable[int] = (),
+        grpc_statuses: Iterable[int] = (),
+    ) -> None: ...
+    def matches(self, status: int, grpc_status: int = -1) -> bool: ...
 
 class Outbox:
     def __init__(self) -> None: ...
@@ -55,6 +77,7 @@ class Stream:
     t_open_ns: int
     t_response_ns: int
     attempts: int
+    retry: RetryOn | None
     @property
     def state(self) -> str: ...
     @property
@@ -115,6 +138,7 @@ class H2Connection:
     @property
     def pending_output(self) -> int: ...
     def get_stream(self, stream_id: int) -> Stream | None: ...
+    def live_streams(self) -> list[Stream]: ...
     def data_to_send(self) -> bytes: ...
     def take_events(self) -> list[Event] | None: ...
     def initiate(self) -> None: ...

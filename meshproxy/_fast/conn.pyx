@@ -48,7 +48,7 @@ from meshproxy.errors import (
 __all__ = [
     "EV_CLOSED", "EV_DATA", "EV_GOAWAY", "EV_IDLE", "EV_REQUEST", "EV_RESPONSE", "EV_RETRY", "EV_TERMINATED",
     "EV_TRAILERS",
-    "H2Connection", "Outbox", "Stream", "link", "monotonic_ns",
+    "H2Connection", "Outbox", "RETRY_RESET", "RETRY_STATUS", "RetryOn", "Stream", "abandon", "link", "monotonic_ns",
 ]
 
 # Events returned by receive(), as tuples whose first item is one of these.
@@ -60,7 +60,11 @@ EV_CLOSED = 5      # (EV_CLOSED, stream): a stream with notify_close ended (clea
 EV_GOAWAY = 6      # (EV_GOAWAY, last_stream_id, error_code, debug): the peer is going away
 EV_IDLE = 7        # (EV_IDLE,): no streams left on a connection that is going away: close it
 EV_TERMINATED = 8  # (EV_TERMINATED, error_code, message): connection error; GOAWAY is queued: flush, close
-EV_RETRY = 9       # (EV_RETRY, stream): the upstream never processed this request; send it again elsewhere
+EV_RETRY = 9       # (EV_RETRY, stream): send this request again (never processed upstream, or retry.hook said so)
+
+# Why retry.hook is asked (its third argument).
+RETRY_RESET = 1    # the upstream stream was reset, or its connection lost, before response headers
+RETRY_STATUS = 2   # response headers whose status (or trailers-only grpc-status) retry wants
 
 cdef enum:
     S_IDLE = 0
@@ -148,6 +152,51 @@ cdef bytes format_grpc_timeout(int64_t ns):
         if v < 100000000:
             return b"%d%c" % (v, _GRPC_UNITS[i])
     return b"99999999H"
+
+
+cdef class RetryOn:
+    """When a failed attempt of a request is offered for another one (a route's retry conditions).
+
+    Set on a downstream (server-role) stream as ``stream.retry``; None (the
+    default) means never. The core tests the conditions itself, so a
+    response that does not meet them costs no Python: response headers with
+    a status >= 500 (``on_5xx``), 502-504 (``on_gateway``) or in
+    ``statuses``, or a trailers-only gRPC response whose grpc-status is in
+    ``grpc_statuses``; or (``on_reset``) a reset of the upstream stream or
+    the loss of its connection before response headers. Only while nothing
+    of the response went downstream and the request body is still whole in
+    the replay copy (``REPLAY_LIMIT``). Then ``hook(stream, upstream,
+    reason)`` decides (attempts left, budget): true, and the core cancels
+    the attempt, keeps the request (body included) and raises ``EV_RETRY``
+    for it; false, and the response (or the reset) goes downstream as it
+    would have.
+    """
+
+    def __init__(self, hook, *, on_5xx=False, on_gateway=False, on_reset=False, statuses=(), grpc_statuses=()):
+        cdef uint32_t mask = 0
+        if not callable(hook):
+            raise TypeError("hook must be callable")
+        for g in grpc_statuses:
+            if not 0 <= g <= 31:
+                raise ValueError(f"grpc status {g} out of range")
+            mask |= 1u << <int>g
+        self.hook = hook
+        self.on_5xx = on_5xx
+        self.on_gateway = on_gateway
+        self.on_reset = on_reset
+        self.statuses = frozenset(int(x) for x in statuses)
+        self.grpc_mask = mask
+
+    cdef bint wants(self, int status, int grpc_status):
+        if status >= 500 and (self.on_5xx or (self.on_gateway and status <= 504 and status >= 502)):
+            return True
+        if 0 <= grpc_status < 32 and (self.grpc_mask >> grpc_status) & 1:
+            return True
+        return bool(self.statuses) and status in self.statuses
+
+    def matches(self, int status, int grpc_status=-1):
+        """Whether response headers with ``status`` (and, trailers-only, ``grpc_status``; -1 none) qualify."""
+        return self.wants(status, grpc_status)
 
 
 cdef class Outbox:
@@ -504,6 +553,10 @@ cdef class H2Connection:
     def get_stream(self, stream_id):
         return self.streams.get(stream_id)
 
+    def live_streams(self):
+        """The streams not closed yet, in the order they opened."""
+        return list(self.streams.values())
+
     def data_to_send(self):
         """Take the bytes queued for the peer (for callers without an Outbox)."""
         cdef bytes b = bytes(self.out)
@@ -809,7 +862,7 @@ cdef class H2Connection:
                        bint self_dependent) except -1:
         cdef list headers = None
         cdef bint too_large = False
-        cdef Stream s
+        cdef Stream s, peer
         cdef str why
         cdef int kind
         try:
@@ -904,8 +957,21 @@ cdef class H2Connection:
         s.headers = headers
         s.t_response_ns = _now()
         if s.peer is not None:
-            s.peer.replay_ok = False  # the upstream processed it: never sent again
-            s.peer.replay = None
+            peer = s.peer
+            if (peer.retry is not None and peer.replay_ok and not peer.sent_headers
+                    and peer.retry.wants(s.status, s.grpc_status if end_stream else -1)
+                    and peer.retry.hook(peer, s, RETRY_STATUS)):
+                # Another attempt instead: nothing of this response goes downstream.
+                _detach(s, peer)
+                if end_stream and s.sent_end:
+                    self._recv_end(s)
+                else:
+                    self._stream_error(s, E_CANCEL)
+                _event(peer.conn, (EV_RETRY, peer))
+                _mark(peer.conn)
+                return 0
+            peer.replay_ok = False  # the upstream processed it: never sent again
+            peer.replay = None
         if s.head or s.status == 304 or s.status == 204:
             s.content_length = -1
         if s.peer is not None:
@@ -1359,20 +1425,17 @@ cdef class H2Connection:
             if PyByteArray_GET_SIZE(s.held):
                 self._credit_connection(PyByteArray_GET_SIZE(s.held))  # received here, never forwarded
             s.held = None
-        if (abnormal and self.client and s.unprocessed and peer is not None and peer.replay_ok
-                and not peer.sent_headers and peer.state != S_CLOSED and peer.attempts < MAX_REDISPATCH):
+        if (abnormal and self.client and peer is not None and peer.replay_ok and not peer.sent_headers
+                and peer.state != S_CLOSED and (
+                    (s.unprocessed and peer.redispatched < MAX_REDISPATCH)
+                    or (not s.unprocessed and peer.retry is not None and peer.retry.on_reset
+                        and peer.retry.hook(peer, s, RETRY_RESET)))):
             # The upstream never saw this request (REFUSED_STREAM, or above its
-            # GOAWAY's last stream id): hand it back to be sent elsewhere.
-            if s.pending is not None and PyByteArray_GET_SIZE(s.pending):
-                peer.conn._credit(peer, PyByteArray_GET_SIZE(s.pending))  # sent again from the replay copy
-                _mark(peer.conn)
-            s.pending = None
-            _unlink(s)
-            peer.attempts += 1
-            peer.hold = True
-            peer.resend = True
-            if peer.recv_end and peer.trailers is None:
-                peer.held_end = True
+            # GOAWAY's last stream id), or it did and the route retries resets:
+            # hand it back to be sent elsewhere.
+            if s.unprocessed:
+                peer.redispatched += 1
+            _detach(s, peer)
             _event(peer.conn, (EV_RETRY, peer))
             if s.notify_close:
                 _event(self, (EV_CLOSED, s))
@@ -1469,6 +1532,43 @@ cdef void _unlink(Stream s) noexcept:
     if s.peer is not None:
         s.peer.peer = None
         s.peer = None
+
+
+cdef int _detach(Stream up, Stream down) except -1:
+    """Take ``down``'s request back from its attempt ``up`` to be sent again: unlinked, holding
+    what arrives, its replay copy to go out first on the next link."""
+    if up.pending is not None and PyByteArray_GET_SIZE(up.pending):
+        down.conn._credit(down, PyByteArray_GET_SIZE(up.pending))  # sent again from the replay copy
+        _mark(down.conn)
+    up.pending = None
+    up.pending_end = False
+    up.pending_trailers = None
+    _unlink(up)
+    down.attempts += 1
+    down.hold = True
+    down.resend = True
+    if down.recv_end and down.trailers is None:
+        down.held_end = True
+    return 0
+
+
+def abandon(Stream down):
+    """Cancel the attempt in flight for ``down``'s request and keep the request to send again.
+
+    For a per-try timeout. Possible while no response headers came back and
+    the request body is whole in the replay copy: then the upstream stream
+    is reset (CANCEL), ``down`` is unlinked and holds what arrives, and the
+    next ``open_forward`` sends the request again; returns True. Otherwise
+    changes nothing and returns False. Raises no event.
+    """
+    cdef Stream up = down.peer
+    if up is None or down.state == S_CLOSED or down.sent_headers or not down.replay_ok or up.recv_headers:
+        return False
+    _detach(up, down)
+    if up.state != S_CLOSED:
+        up.conn._stream_error(up, E_CANCEL)
+        _mark(up.conn)
+    return True
 
 
 def link(Stream a, Stream b):
