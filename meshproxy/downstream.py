@@ -15,10 +15,14 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
+import random
 from typing import TYPE_CHECKING, Any
 
 from meshproxy.conn import h2conn as h2
+from meshproxy.resilience import outlier
+from meshproxy.resilience.policy import MAX_REDISPATCH, FaultPolicy, grpc_for_http, http_for_grpc
 from meshproxy.transport import H2Protocol
+from meshproxy.upstream import CONNECT_FAILURE, OVERFLOW
 
 if TYPE_CHECKING:
     from meshproxy.upstream import Endpoint, Subset
@@ -40,6 +44,7 @@ NO_ROUTE = ("NR", 12, 404, "no route matched the request")
 NO_CLUSTER = ("NC", 14, 503, "the route's cluster is not configured")
 NO_HEALTHY = ("UH", 14, 503, "no healthy upstream")
 TIMEOUT = ("UT", 4, 504, "upstream request timeout")
+STREAM_IDLE = ("SI", 4, 408, "stream idle timeout")
 DRAINING = ("DC", 14, 503, "the proxy is draining")
 
 
@@ -51,6 +56,9 @@ class Request:
     """
 
     __slots__ = (
+        "active_at",
+        "activity",
+        "backoff",
         "deadline_ns",
         "done",
         "down",
@@ -58,9 +66,14 @@ class Request:
         "flags",
         "hash_header",
         "index",
+        "redispatched",
+        "retries",
+        "retrying",
         "route",
         "start_ns",
         "subset",
+        "tried",
+        "try_timer",
         "up",
     )
 
@@ -76,6 +89,15 @@ class Request:
         self.deadline_ns = 0
         self.done = False
         self.hash_header: bytes | None = None
+        self.retries = 0  # retries the policy allowed (budget withdrawn)
+        self.redispatched = 0  # re-sends after a connect failure (never seen upstream)
+        self.retrying = False  # counted in the cluster's active retries
+        self.backoff = False  # the next re-send waits out the backoff
+        self.tried: list[Endpoint] | None = None  # endpoints of earlier attempts
+        self.try_timer: asyncio.TimerHandle | None = None
+        # For the stream idle timeout: what the stream had done at the last sweep, and since when.
+        self.activity: tuple | None = None
+        self.active_at = start_ns
 
     @property
     def response_flags(self) -> str:
@@ -149,10 +171,41 @@ def expire(req: Request) -> None:
         _deliver(conn, conn.reset_stream(down, 0x8))
 
 
+def idle_expire(req: Request) -> None:
+    """A request saw no frame either way for the listener's stream idle timeout: end it."""
+    down = req.down
+    if not down.sent_headers:
+        respond_error(down, STREAM_IDLE)
+    else:
+        req.flags = "SI"
+        conn = down.conn
+        _deliver(conn, conn.reset_stream(down, 0x8))
+
+
 def _deliver(conn: h2.H2Connection, events: list | None) -> None:
     # Events raised by our own calls (the EV_CLOSED of a stream we answered) go to the same handler.
     if events is not None and conn.handler is not None:
         conn.handler(events)
+
+
+def _chance(percent: float) -> bool:
+    return percent >= 100.0 or random.random() * 100.0 < percent
+
+
+def _abort(stream: h2.Stream, fault: FaultPolicy) -> None:
+    """Answer with the route's injected fault (flag FI): a gRPC request trailers-only with its
+    grpc-status, a plain one with the HTTP status (each mapped from the other when not given)."""
+    req = stream.user
+    req.flags = "FI"
+    headers = [(b"x-meshproxy-response-flags", b"FI")]
+    conn = stream.conn
+    if stream.is_grpc:
+        g = fault.abort_grpc if fault.abort_grpc is not None else grpc_for_http(fault.abort_http)
+        events = conn.respond(stream, 200, headers, b"", g, "fault filter abort")
+    else:
+        status = fault.abort_http if fault.abort_http is not None else http_for_grpc(fault.abort_grpc)
+        events = conn.respond(stream, status, [(b"content-type", b"text/plain"), *headers], b"fault filter abort")
+    _deliver(conn, events)
 
 
 def respond_error(stream: h2.Stream, err: tuple[str, int, int, str], detail: str = "") -> None:
@@ -174,7 +227,7 @@ def respond_error(stream: h2.Stream, err: tuple[str, int, int, str], detail: str
 class DownstreamProtocol(H2Protocol):
     """One accepted HTTP/2 connection on a listener."""
 
-    __slots__ = ("listener",)
+    __slots__ = ("idle_since", "listener")
 
     def __init__(self, worker: Worker, listener: str) -> None:
         conn = h2.H2Connection(
@@ -182,6 +235,39 @@ class DownstreamProtocol(H2Protocol):
         )
         super().__init__(worker, conn)
         self.listener = listener
+        self.idle_since = 0.0
+
+    def check_idle(self, now: float, idle_timeout: float, now_ns: int, stream_idle_ns: int) -> None:
+        """The worker's sweep (each second): GOAWAY once the connection has had no stream for
+        ``idle_timeout`` s; end requests with no frame either way for ``stream_idle_ns``."""
+        c = self.conn
+        if c.active_streams:
+            self.idle_since = 0.0
+        elif not self.idle_since:
+            self.idle_since = now
+        elif idle_timeout and now - self.idle_since >= idle_timeout and not c.goaway_sent:
+            log.debug("closing a connection idle for %.0fs", now - self.idle_since)
+            _deliver(c, c.shutdown())
+        if not stream_idle_ns or not c.active_streams:
+            return
+        for s in c.live_streams():
+            req = s.user
+            if req is None or req.done:
+                continue
+            up = req.up
+            activity = (
+                s.data_recv,
+                s.data_sent,
+                s.sent_headers,
+                s.recv_end,
+                up.data_recv if up is not None else -1,
+                up.data_sent if up is not None else -1,
+            )
+            if activity != req.activity:
+                req.activity = activity
+                req.active_at = now_ns
+            elif now_ns - req.active_at >= stream_idle_ns:
+                idle_expire(req)
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -228,15 +314,7 @@ class DownstreamProtocol(H2Protocol):
                 events = conn.respond(s, direct.status, (), direct.body)
             _deliver(conn, events)
             return
-        cluster_name, subset_name = route.pick()
-        cluster = runtime.clusters.get(cluster_name)
-        subset = cluster.subsets.get(subset_name) if cluster is not None else None
-        if subset is None:
-            respond_error(s, NO_CLUSTER, f"{cluster_name}/{subset_name}" if subset_name else cluster_name)
-            return
-        req.subset = subset
-        req.hash_header = route.hash_header or cluster.hash_header
-        # The deadline: the smaller of grpc-timeout and the route timeout.
+        # The deadline: the smaller of grpc-timeout and the route timeout, over every attempt.
         timeout_ns = s.grpc_timeout_ns
         route_timeout = route.timeout_s
         if route_timeout is not None:
@@ -246,13 +324,54 @@ class DownstreamProtocol(H2Protocol):
         if timeout_ns >= 0:
             req.deadline_ns = req.start_ns + timeout_ns
             worker.deadlines.add(req.deadline_ns, req)
+        fault = route.fault
+        if fault is not None and fault.delay_ns and _chance(fault.delay_pct):
+            req.flags = "DI"
+            worker.loop.call_later(fault.delay_ns / 1e9, self._delayed, req)
+            return
+        self._route(req, runtime)
+
+    def _delayed(self, req: Request) -> None:
+        if not req.done:
+            self._route(req, self.worker.runtime)
+            self.worker.outbox.flush()
+
+    def _route(self, req: Request, runtime: Any) -> None:
+        """After routing (and any injected delay): abort, or pick the cluster and send the request."""
+        s = req.down
+        route = req.route
+        fault = route.fault
+        if fault is not None and fault.abort_pct and _chance(fault.abort_pct):
+            _abort(s, fault)
+            return
+        cluster_name, subset_name = route.pick()
+        cluster = runtime.clusters.get(cluster_name)
+        subset = cluster.subsets.get(subset_name) if cluster is not None else None
+        if subset is None:
+            respond_error(s, NO_CLUSTER, f"{cluster_name}/{subset_name}" if subset_name else cluster_name)
+            return
+        state = cluster.state
+        if cluster.max_requests and state.active_requests >= cluster.max_requests:
+            state.overflows += 1
+            respond_error(s, OVERFLOW, f"{cluster_name} has {state.active_requests} requests in flight")
+            return
+        # From here the request counts as in flight to the cluster (until worker.complete).
+        state.active_requests += 1
+        req.subset = subset
+        req.hash_header = route.hash_header or cluster.hash_header
+        policy = route.retry
+        if policy is not None:
+            s.retry = policy.retry_on
+            (policy.budget or state.budget).deposit(now_ns())
         self._dispatch(req)
 
     def _dispatch(self, req: Request) -> None:
-        """Pick an endpoint of the request's subset and send the request there."""
+        """Pick an endpoint of the request's subset (another one than tried, if any) and send the
+        request there."""
         s = req.down
         subset = req.subset
-        i = subset.pick(s, req.hash_header)
+        tried = req.tried
+        i = subset.pick(s, req.hash_header) if tried is None else subset.pick_other(s, req.hash_header, tried)
         if i < 0:
             respond_error(s, NO_HEALTHY, subset.cluster_name)
             return
@@ -265,23 +384,56 @@ class DownstreamProtocol(H2Protocol):
         else:
             self._forward(req, c)
 
+    def _end_attempt(self, req: Request) -> None:
+        # The attempt on req.endpoint is over and the request will go out again.
+        t = now_ns()
+        if req.index >= 0:
+            req.subset.finish(req.index, t - req.start_ns, t)
+        if req.tried is None:
+            req.tried = []
+        req.tried.append(req.endpoint)
+        req.index = -1
+        req.up = None
+        timer = req.try_timer
+        if timer is not None:
+            timer.cancel()
+            req.try_timer = None
+
     def _redispatch(self, s: h2.Stream) -> None:
-        # The upstream never processed the request (REFUSED_STREAM, or above its
-        # GOAWAY's last stream id): the core kept its body; send it again.
+        # The core took the request back (EV_RETRY): the upstream never processed
+        # it (REFUSED_STREAM, above its GOAWAY's last stream id), or the worker's
+        # retry hook allowed another attempt. It kept the body; send it again.
         req = s.user
         if req is None or req.done:
             return
-        t = now_ns()
-        req.subset.finish(req.index, t - req.start_ns, t)
-        req.index = -1
-        req.up = None
-        self._dispatch(req)
+        self._end_attempt(req)
+        if req.backoff:
+            req.backoff = False
+            self._retry_later(req)
+        else:
+            self._dispatch(req)
+
+    def _retry_later(self, req: Request) -> None:
+        """Send the request again after the route's backoff (full jitter)."""
+        delay = req.route.retry.backoff_ns(req.retries, random.random())
+        self.worker.loop.call_later(delay / 1e9, self._retry_now, req)
+
+    def _retry_now(self, req: Request) -> None:
+        if not req.done:
+            self._dispatch(req)
+            self.worker.outbox.flush()
 
     def _connected(self, req: Request, c: h2.H2Connection | None, failure: tuple | None) -> None:
         s = req.down
         if s.state == "closed":
             return
         if c is None:
+            if failure is CONNECT_FAILURE and req.redispatched < MAX_REDISPATCH:
+                # No upstream saw it: always safe to send elsewhere.
+                req.redispatched += 1
+                self._end_attempt(req)
+                self._dispatch(req)
+                return
             respond_error(s, failure, req.endpoint.address)
             return
         self._forward(req, c)
@@ -295,7 +447,32 @@ class DownstreamProtocol(H2Protocol):
             if timeout_ns <= 0:
                 expire(req)
                 return
-        req.up = c.open_forward(s, route.authority_rewrite, route.rewrite_path(s.path), timeout_ns)
+        policy = route.retry
+        per_try = policy.per_try_ns if policy is not None else 0
+        if per_try and (timeout_ns < 0 or per_try < timeout_ns):
+            timeout_ns = per_try
+        up = c.open_forward(s, route.authority_rewrite, route.rewrite_path(s.path), timeout_ns)
+        req.up = up
+        if per_try:
+            req.try_timer = self.worker.loop.call_later(per_try / 1e9, self._per_try_expired, req, up)
+
+    def _per_try_expired(self, req: Request, up: h2.Stream) -> None:
+        """An attempt's per-try timeout: until response headers; then the deadline governs."""
+        req.try_timer = None
+        if req.done or req.up is not up or up.recv_headers:
+            return
+        worker = self.worker
+        ep = req.endpoint
+        if h2.abandon(req.down):
+            ep.cluster.record(ep, outlier.LOCAL_ORIGIN_FAILURE, now_ns())
+            if worker.may_retry(req):
+                self._end_attempt(req)
+                self._retry_later(req)
+            else:
+                expire(req)
+        else:
+            expire(req)
+        worker.outbox.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)

@@ -31,6 +31,7 @@ from meshproxy.config import Cluster, Listener, parse_domain
 from meshproxy.config import Route as RouteConfig
 from meshproxy.config._checks import check_routes, duration_s
 from meshproxy.lb import balancer
+from meshproxy.resilience.policy import FaultPolicy, RetryPolicy
 
 __all__ = ["DirectResponse", "Route", "RouteTable", "grpc_service_method"]
 
@@ -85,6 +86,8 @@ class Route:
     ``authority_rewrite`` (bytes or None) replaces :authority upstream,
     ``rewrite_path`` the :path, and ``hash_header`` (lower-case bytes or
     None) is the route's ring-hash key header, overriding the cluster's.
+    ``retry`` is a ``RetryPolicy`` when the route retries (None for no
+    policy or ``num_retries`` 0), ``fault`` a ``FaultPolicy`` or None.
     """
 
     __slots__ = (
@@ -103,8 +106,10 @@ class Route:
         "authority_rewrite",
         "clusters",
         "direct_response",
+        "fault",
         "hash_header",
         "name",
+        "retry",
         "timeout_s",
         "virtual_host",
     )
@@ -114,6 +119,9 @@ class Route:
         self.virtual_host = virtual_host
         timeout = duration_s(cfg.timeout) if cfg.HasField("timeout") else 0.0
         self.timeout_s = timeout or None
+        rp = cfg.retry_policy
+        self.retry = RetryPolicy(rp) if cfg.HasField("retry_policy") and rp.num_retries > 0 else None
+        self.fault = FaultPolicy(cfg.fault) if cfg.HasField("fault") else None
 
         m = cfg.match
         kind = m.WhichOneof("path_specifier")
@@ -260,6 +268,14 @@ class RouteTable:
         in them, with paths relative to the listener.
         """
         return cls(listener, clusters)
+
+    def routes(self) -> list[Route]:
+        """Every route of the table, once each."""
+        seen: dict[int, Route] = {}
+        for routes in (*self._exact.values(), *(w[2] for w in self._wildcards), self._any or ()):
+            for r in routes:
+                seen.setdefault(id(r), r)
+        return list(seen.values())
 
     def _routes_for(self, authority: bytes) -> tuple[Route, ...] | None:
         a = authority.lower()

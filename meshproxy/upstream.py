@@ -2,8 +2,11 @@
 multiplexed HTTP/2 connections.
 
 A cluster is built from a ``meshproxy.v1.Cluster`` message once per config
-change. Each subset (the whole cluster is the subset "") owns a compiled
-balancer over its endpoints. An endpoint owns its connections: a request
+change; what must outlive a config change (requests and retries in flight,
+the counters, the retry budget, outlier detection's verdicts) is in its
+``ClusterState``, handed from one build to the next by cluster name. Each
+subset (the whole cluster is the subset "") owns a compiled balancer over
+its endpoints. An endpoint owns its connections: a request
 takes the first that can open a stream; another is opened when all are at
 the peer's MAX_CONCURRENT_STREAMS or near the end of the stream-id space (up
 to ``max_connections_per_endpoint``); requests that arrive while the first
@@ -11,6 +14,14 @@ connection is being made wait for it in the endpoint, and all get an answer
 if the connect fails. A connection that received GOAWAY takes no new streams
 and closes when its last stream ends; one idle past ``idle_timeout`` is shut
 down gracefully.
+
+Circuit breakers (per worker, as everything here): a request over
+``max_requests``, one that would wait for a connection over
+``max_pending_requests``, and a new connection over ``max_connections`` (the
+request waits for a stream on the ones there are, or overflows when there
+are none) are answered at once with OVERFLOW. Outlier detection, when
+configured, takes ejected endpoints out of every subset's balancer
+(``set_available``) and puts them back when their time is up (``sweep``).
 """
 
 from __future__ import annotations
@@ -24,12 +35,14 @@ from typing import TYPE_CHECKING, Any
 from meshproxy.config import parse_address
 from meshproxy.conn import h2conn as h2
 from meshproxy.lb import balancer
+from meshproxy.resilience import outlier
+from meshproxy.resilience.policy import DEFAULT_BUDGET, budget_args, new_budget
 from meshproxy.transport import H2Protocol
 
 if TYPE_CHECKING:
     from meshproxy.worker import Worker
 
-__all__ = ["Cluster", "Endpoint", "Subset", "UpstreamProtocol"]
+__all__ = ["Cluster", "ClusterState", "Endpoint", "Subset", "UpstreamProtocol"]
 
 log = logging.getLogger("meshproxy.upstream")
 
@@ -51,8 +64,11 @@ class Endpoint:
         "connecting",
         "conns",
         "host",
+        "index",
         "labels",
+        "placements",
         "port",
+        "unhealthy",
         "waiters",
         "weight",
     )
@@ -63,6 +79,10 @@ class Endpoint:
         self.host, self.port = parse_address(address)
         self.weight = weight or 1
         self.labels = labels
+        self.index = -1  # in cluster.endpoints
+        self.unhealthy = False  # active health checks' verdict (meshproxy.health)
+        # (subset, index in the subset's balancer) for each subset this endpoint is in.
+        self.placements: list[tuple[Subset, int]] = []
         self.conns: list[UpstreamProtocol] = []
         self.connecting = 0
         # Requests waiting for a connection: callables taking an H2Connection, or None on failure.
@@ -82,17 +102,30 @@ class Endpoint:
 
     def wait(self, worker: Worker, callback: Callable[[h2.H2Connection | None, tuple | None], None]) -> None:
         """Call ``callback(conn, None)`` once a connection can take a stream, or ``(None, failure)``."""
+        cluster = self.cluster
+        if cluster.max_pending and cluster.pending() >= cluster.max_pending:
+            cluster.state.overflows += 1
+            callback(None, OVERFLOW)
+            return
         if self._unsettled() == 0:
-            limit = self.cluster.max_connections
-            if limit and len(self.conns) >= limit:
+            if not self._may_connect():
                 if not self.conns:
+                    cluster.state.overflows += 1
                     callback(None, OVERFLOW)
                     return
-                # At the connection limit: wait for a stream to end on one of them.
+                # At a connection limit: wait for a stream to end on one of them.
             else:
                 self.connecting += 1
                 worker.loop.create_task(self._connect(worker))
         self.waiters.append(callback)
+
+    def _may_connect(self) -> bool:
+        cluster = self.cluster
+        limit = cluster.max_connections
+        if limit and len(self.conns) >= limit:
+            return False
+        limit = cluster.breaker_connections
+        return not limit or cluster.connections() < limit
 
     async def _connect(self, worker: Worker) -> None:
         loop = worker.loop
@@ -104,6 +137,7 @@ class Endpoint:
         except (TimeoutError, OSError) as e:
             self.connecting -= 1
             log.debug("connect to %s failed: %s", self.address, e)
+            self.cluster.record(self, outlier.LOCAL_ORIGIN_FAILURE, h2.monotonic_ns())
             if self.connecting == 0 and not self.conns:
                 self.fail_waiters(CONNECT_FAILURE)
                 worker.outbox.flush()
@@ -123,11 +157,9 @@ class Endpoint:
         waiters = self.waiters
         while waiters and c.can_open:
             waiters.popleft()(c, None)
-        if waiters and self._unsettled() == 0:
-            limit = self.cluster.max_connections
-            if not limit or len(self.conns) < limit:
-                self.connecting += 1
-                proto.worker.loop.create_task(self._connect(proto.worker))
+        if waiters and self._unsettled() == 0 and self._may_connect():
+            self.connecting += 1
+            proto.worker.loop.create_task(self._connect(proto.worker))
         proto.worker.outbox.flush()
 
     def __repr__(self) -> str:
@@ -137,12 +169,11 @@ class Endpoint:
 class Subset:
     """Endpoints selected by labels, with their balancer."""
 
-    __slots__ = ("cluster_name", "endpoints", "lb", "name", "policy")
+    __slots__ = ("cluster", "cluster_name", "endpoints", "lb", "name", "policy")
 
-    def __init__(
-        self, cluster_name: str, name: str, endpoints: list[Endpoint], policy: int, hash_header: bytes | None
-    ) -> None:
-        self.cluster_name = cluster_name
+    def __init__(self, cluster: Cluster, name: str, endpoints: list[Endpoint], policy: int) -> None:
+        self.cluster = cluster
+        self.cluster_name = cluster.name
         self.name = name
         self.endpoints = endpoints
         self.policy = policy
@@ -160,18 +191,51 @@ class Subset:
             self.lb = balancer.RingHash(n, weights)
         else:
             self.lb = balancer.PeakEwma(n)
+        for j, ep in enumerate(endpoints):
+            ep.placements.append((self, j))
 
     def pick(self, stream: Any, hash_header: bytes | None) -> int:
         """Index of the endpoint for ``stream``, or -1 when none is available; counts it as started."""
+        if self.lb is None:
+            return -1
+        i = self._raw_pick(stream, hash_header)
+        if i >= 0 and (self.policy == PEAK_EWMA or self.policy == LEAST_REQUEST):
+            self.lb.start(i)
+        return i
+
+    def pick_other(self, stream: Any, hash_header: bytes | None, tried: list[Endpoint]) -> int:
+        """As ``pick``, preferring an endpoint not in ``tried`` (a retry's next attempt).
+
+        The balancer is asked again a few times (Envoy's previous-hosts
+        predicate does the same), then the next available endpoint in index
+        order that was not tried is taken; when every available one was
+        tried, the balancer's choice stands.
+        """
         lb = self.lb
         if lb is None:
             return -1
+        endpoints = self.endpoints
+        policy = self.policy
+        i = -1
+        for _ in range(3):
+            i = self._raw_pick(stream, hash_header)
+            if i < 0 or endpoints[i] not in tried:
+                break
+        else:
+            n = len(endpoints)
+            for k in range(1, n):
+                j = (i + k) % n
+                if lb.is_available(j) and endpoints[j] not in tried:
+                    i = j
+                    break
+        if i >= 0 and (policy == PEAK_EWMA or policy == LEAST_REQUEST):
+            lb.start(i)
+        return i
+
+    def _raw_pick(self, stream: Any, hash_header: bytes | None) -> int:
         policy = self.policy
         if policy == PEAK_EWMA:
-            i = lb.pick(stream.t_open_ns)
-            if i >= 0:
-                lb.start(i)
-            return i
+            return self.lb.pick(stream.t_open_ns)
         if policy == RING_HASH:
             key = b""
             if hash_header is not None:
@@ -179,11 +243,8 @@ class Subset:
                     if name == hash_header:
                         key = value
                         break
-            return lb.pick(key)
-        i = lb.pick()
-        if i >= 0 and policy == LEAST_REQUEST:
-            lb.start(i)
-        return i
+            return self.lb.pick(key)
+        return self.lb.pick()
 
     def finish(self, i: int, rtt_ns: int, now_ns: int) -> None:
         """The request sent to endpoint ``i`` ended; ``rtt_ns`` is its time to response headers."""
@@ -197,47 +258,192 @@ class Subset:
 PEAK_EWMA, ROUND_ROBIN, RANDOM, LEAST_REQUEST, RING_HASH = range(5)
 
 
+class ClusterState:
+    """What a cluster keeps across config changes: requests and retries in flight, its counters,
+    its retry budget and its outlier detector (each kept while its settings stay the same)."""
+
+    __slots__ = (
+        "active_requests",
+        "active_retries",
+        "budget",
+        "budget_args",
+        "detector",
+        "detector_args",
+        "ejections",
+        "overflows",
+        "retries",
+        "retries_denied",
+        "retries_overflow",
+    )
+
+    def __init__(self) -> None:
+        self.active_requests = 0
+        self.active_retries = 0
+        self.retries = 0  # retries sent (not counting re-sends of requests no upstream saw)
+        self.retries_denied = 0  # retries the budget refused
+        self.retries_overflow = 0  # retries refused by max_retries
+        self.overflows = 0  # requests answered OVERFLOW (max_requests, max_pending_requests, max_connections)
+        self.ejections = 0
+        self.budget: Any = None
+        self.budget_args: tuple | None = None
+        self.detector: Any = None
+        self.detector_args: dict | None = None
+
+
 class Cluster:
     """A named group of endpoints with subsets, built from a ``meshproxy.v1.Cluster``."""
 
     __slots__ = (
+        "breaker_connections",
         "connect_timeout",
         "endpoints",
         "hash_header",
+        "health_check",
         "idle_timeout",
         "max_concurrent_streams",
         "max_connections",
+        "max_pending",
+        "max_requests",
+        "max_retries",
         "name",
+        "outlier",
+        "state",
         "subsets",
     )
 
-    def __init__(self, msg: Any, reuse: dict[str, Endpoint] | None = None) -> None:
+    def __init__(
+        self,
+        msg: Any,
+        reuse: dict[str, Endpoint] | None = None,
+        state: ClusterState | None = None,
+        now_ns: int = 0,
+    ) -> None:
         self.name = msg.name
+        self.state = state = state if state is not None else ClusterState()
         self.hash_header = msg.hash_header.lower().encode() if msg.hash_header else None
         self.connect_timeout = _seconds(msg, "connect_timeout", 1.0)
         self.idle_timeout = _seconds(msg, "idle_timeout", 300.0)
         self.max_concurrent_streams = msg.max_concurrent_streams_per_connection or 100
         self.max_connections = msg.max_connections_per_endpoint or 0
+        cb = msg.circuit_breakers
+        self.breaker_connections = cb.max_connections
+        self.max_pending = cb.max_pending_requests
+        self.max_requests = cb.max_requests
+        self.max_retries = cb.max_retries
         self.endpoints: list[Endpoint] = []
+        reuse = reuse or {}
+        old_index = {address: ep.index for address, ep in reuse.items()}
         for e in msg.endpoints:
-            old = reuse.get(e.address) if reuse else None
+            old = reuse.get(e.address)
             if old is not None:
                 # Keep the live connections of an endpoint that is still there.
                 old.cluster = self
                 old.weight = e.weight or 1
                 old.labels = dict(e.labels)
+                old.placements = []
                 self.endpoints.append(old)
             else:
                 self.endpoints.append(Endpoint(self, e.address, e.weight, dict(e.labels)))
+        for i, ep in enumerate(self.endpoints):
+            ep.index = i
+        for ep in reuse.values():
+            if ep.cluster is not self:
+                ep.index = -1  # gone from the cluster: its results no longer count
         policy = int(msg.lb_policy)
-        self.subsets: dict[str, Subset] = {"": Subset(self.name, "", self.endpoints, policy, self.hash_header)}
+        self.subsets: dict[str, Subset] = {"": Subset(self, "", self.endpoints, policy)}
         for sub in msg.subsets:
             want = dict(sub.labels)
             members = [ep for ep in self.endpoints if all(ep.labels.get(k) == v for k, v in want.items())]
-            self.subsets[sub.name] = Subset(self.name, sub.name, members, policy, self.hash_header)
+            self.subsets[sub.name] = Subset(self, sub.name, members, policy)
+        # The cluster's retry budget (routes may have their own): kept while its settings are.
+        args = budget_args(msg.retry_budget) if msg.HasField("retry_budget") else DEFAULT_BUDGET
+        if state.budget is None or state.budget_args != args:
+            state.budget = new_budget(args, now_ns)
+            state.budget_args = args
+        self.health_check = msg.health_check if msg.HasField("health_check") else None
+        self.outlier = None
+        if msg.HasField("outlier_detection"):
+            self._outlier(msg.outlier_detection, old_index)
+        else:
+            state.detector = state.detector_args = None
+        for ep in self.endpoints:
+            if ep.unhealthy:
+                self.refresh(ep)
+
+    def _outlier(self, od: Any, old_index: dict[str, int]) -> None:
+        base = _ns(od, "base_ejection_time", 30.0)
+        args = {
+            "consecutive_5xx": od.consecutive_5xx if od.HasField("consecutive_5xx") else 5,
+            "consecutive_gateway_errors": od.consecutive_gateway_errors,
+            "consecutive_local_origin_failures": (
+                od.consecutive_local_origin_failures if od.HasField("consecutive_local_origin_failures") else 5
+            ),
+            "split_external_local_origin_errors": od.split_external_local_origin_errors,
+            "interval_ns": _ns(od, "interval", 10.0),
+            "base_ejection_time_ns": base,
+            # Unset: 300s or the base time, whichever is larger (Envoy's).
+            "max_ejection_time_ns": _ns(od, "max_ejection_time", max(300.0, base / 1e9)),
+            "max_ejection_percent": od.max_ejection_percent if od.HasField("max_ejection_percent") else 10,
+        }
+        state = self.state
+        n = len(self.endpoints)
+        det = state.detector
+        if det is not None and state.detector_args == args:
+            # Same settings: the verdicts on endpoints still here carry over.
+            det.resize([old_index.get(ep.address, -1) for ep in self.endpoints])
+        else:
+            det = outlier.OutlierDetector(n, **args)
+            state.detector = det
+            state.detector_args = args
+        self.outlier = det
+        for ep in self.endpoints:
+            if det.is_ejected(ep.index):
+                self.refresh(ep)
+
+    def record(self, ep: Endpoint, result: int, now_ns: int) -> None:
+        """An attempt on ``ep`` ended with ``result`` (an ``outlier`` outcome): eject it if that is the last straw."""
+        det = self.outlier
+        if det is None or ep.cluster is not self or ep.index < 0:
+            return
+        if det.record(ep.index, result, now_ns):
+            self.state.ejections += 1
+            self.refresh(ep)
+            log.info("ejected %s from %s (%d times)", ep.address, self.name, det.times_ejected(ep.index))
+
+    def sweep(self, now_ns: int) -> None:
+        """Return the endpoints whose ejection time is up."""
+        det = self.outlier
+        if det is None or not det.ejected():
+            return
+        for i in det.sweep(now_ns):
+            ep = self.endpoints[i]
+            self.refresh(ep)
+            log.info("%s back in %s", ep.address, self.name)
+
+    def refresh(self, ep: Endpoint) -> None:
+        """Make ``ep`` available to every subset's balancer unless it is ejected or unhealthy."""
+        det = self.outlier
+        available = not ep.unhealthy and not (det is not None and ep.index >= 0 and det.is_ejected(ep.index))
+        for subset, j in ep.placements:
+            subset.lb.set_available(j, available)
+
+    def pending(self) -> int:
+        """Requests waiting for a connection."""
+        return sum(len(ep.waiters) for ep in self.endpoints)
+
+    def connections(self) -> int:
+        """Connections open or being made."""
+        return sum(len(ep.conns) + ep.connecting for ep in self.endpoints)
 
     def __repr__(self) -> str:
         return f"<Cluster {self.name} endpoints={len(self.endpoints)} subsets={sorted(self.subsets)}>"
+
+
+def _ns(msg: Any, field: str, default_s: float) -> int:
+    if not msg.HasField(field):
+        return int(default_s * 1e9)
+    d = getattr(msg, field)
+    return d.seconds * 1_000_000_000 + d.nanos
 
 
 def _seconds(msg: Any, field: str, default: float) -> float:

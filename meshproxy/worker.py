@@ -34,8 +34,11 @@ from typing import Any
 from meshproxy.config import ConfigError, parse_address
 from meshproxy.conn import h2conn as h2
 from meshproxy.downstream import Deadlines, DownstreamProtocol, Request
+from meshproxy.health import HealthChecker
+from meshproxy.resilience import outlier
+from meshproxy.resilience.policy import new_budget, outcome
 from meshproxy.routing import RouteTable
-from meshproxy.upstream import Cluster, Endpoint, UpstreamProtocol
+from meshproxy.upstream import Cluster, ClusterState, Endpoint, UpstreamProtocol
 
 __all__ = ["Runtime", "Worker"]
 
@@ -72,21 +75,60 @@ def _listener_settings(ls: Any) -> dict[str, int]:
 
 
 class Runtime:
-    """The config in force: route tables by listener name, clusters by name."""
+    """The config in force: route tables by listener name, clusters by name.
 
-    __slots__ = ("clusters", "config", "listener_settings", "tables", "version")
+    ``retry_hook`` is the worker's retry decision, given to the compiled
+    conditions of every route that retries. Retry budgets and the clusters'
+    state (requests in flight, counters, outlier verdicts) carry over from
+    ``previous`` while their settings stay the same: a config push must not
+    hand out a fresh budget.
+    """
 
-    def __init__(self, config: Any, previous: Runtime | None = None) -> None:
+    __slots__ = ("clusters", "config", "listener_settings", "listener_timeouts", "route_budgets", "tables", "version")
+
+    def __init__(
+        self, config: Any, previous: Runtime | None = None, retry_hook: Callable[[Any, Any, int], bool] | None = None
+    ) -> None:
         self.config = config
         self.version = config.version
+        now = now_ns()
         reuse: dict[str, dict[str, Endpoint]] = {}
+        states: dict[str, ClusterState] = {}
+        old_budgets: dict[tuple, Any] = {}
         if previous is not None:
             for name, cl in previous.clusters.items():
                 reuse[name] = {ep.address: ep for ep in cl.endpoints}
+                states[name] = cl.state
+            old_budgets = previous.route_budgets
         # Routes first: they are what can still be refused, and the clusters take over live endpoints.
         self.tables = {ls.name: RouteTable.compile(ls, config.clusters) for ls in config.listeners}
-        self.clusters = {c.name: Cluster(c, reuse.get(c.name)) for c in config.clusters}
+        self.route_budgets: dict[tuple, Any] = {}
+        for listener, table in self.tables.items():
+            for route in table.routes():
+                policy = route.retry
+                if policy is None:
+                    continue
+                if retry_hook is not None:
+                    policy.bind(retry_hook)
+                if policy.budget_args is not None:
+                    key = (listener, route.virtual_host, route.name, policy.budget_args)
+                    b = old_budgets.get(key) or self.route_budgets.get(key)
+                    policy.budget = b if b is not None else new_budget(policy.budget_args, now)
+                    self.route_budgets[key] = policy.budget
+        self.clusters = {c.name: Cluster(c, reuse.get(c.name), states.get(c.name), now) for c in config.clusters}
         self.listener_settings = {ls.name: _listener_settings(ls) for ls in config.listeners}
+        # (connection idle timeout in s, stream idle timeout in ns); 0: none.
+        self.listener_timeouts = {
+            ls.name: (_seconds(ls, "idle_timeout", 3600.0), int(_seconds(ls, "stream_idle_timeout", 300.0) * 1e9))
+            for ls in config.listeners
+        }
+
+
+def _seconds(msg: Any, field: str, default: float) -> float:
+    if not msg.HasField(field):
+        return default
+    d = getattr(msg, field)
+    return d.seconds + d.nanos / 1e9
 
 
 def _bind(address: str) -> socket.socket:
@@ -124,8 +166,9 @@ class Worker:
     def __init__(self, config: Any | None, loop: asyncio.AbstractEventLoop, drain_timeout: float = 10.0) -> None:
         self.loop = loop
         self.outbox = h2.Outbox()
-        self.runtime: Runtime | None = Runtime(config) if config is not None else None
+        self.runtime: Runtime | None = Runtime(config, None, self.retry_hook) if config is not None else None
         self.deadlines = Deadlines(self)
+        self.health = HealthChecker(loop)
         self.downstreams: set[DownstreamProtocol] = set()
         self.upstreams: set[UpstreamProtocol] = set()
         # The bound listeners by name: (the address as configured, its server).
@@ -151,7 +194,8 @@ class Worker:
         needs a restart; ``reconfigure`` re-binds). Raises ConfigError (and
         changes nothing) if the routes cannot be compiled.
         """
-        self.runtime = Runtime(config, self.runtime)
+        self.runtime = Runtime(config, self.runtime, self.retry_hook)
+        self.health.update(self.runtime)
 
     async def reconfigure(self, config: Any) -> None:
         """Swap in a new config (validated), listeners included.
@@ -177,11 +221,12 @@ class Worker:
                         f"listeners[{i}].address", f"cannot listen on {ls.address}: {e.strerror or e}"
                     ) from None
             # Last: building the runtime takes over the endpoints (and connections) of the old one.
-            runtime = Runtime(config, self.runtime)
+            runtime = Runtime(config, self.runtime, self.retry_hook)
         except BaseException:
             _close_servers(opened)
             raise
         self.runtime = runtime
+        self.health.update(runtime)
         self.listeners = {ls.name: opened.get(ls.name) or old[ls.name] for ls in config.listeners}
         retired = {name: entry for name, entry in old.items() if self.listeners.get(name) is not entry}
         # Not accepting until now: a connection accepted earlier would have been
@@ -228,20 +273,75 @@ class Worker:
     # -- requests -------------------------------------------------------------
 
     def complete(self, req: Request) -> None:
-        """A downstream stream ended: balancer feedback, then the hooks."""
+        """A downstream stream ended: balancer and outlier feedback, the cluster's counts, the hooks."""
         req.done = True
         if req.deadline_ns:
             self.deadlines.done(req)
         subset = req.subset
-        if subset is not None and req.index >= 0:
+        if subset is not None:
+            state = subset.cluster.state
+            state.active_requests -= 1
+            if req.retrying:
+                state.active_retries -= 1
+            if req.try_timer is not None:
+                req.try_timer.cancel()
+                req.try_timer = None
             up = req.up
-            if up is not None and up.t_response_ns:
-                subset.finish(req.index, up.t_response_ns - up.t_open_ns, up.t_response_ns)
-            else:
-                t = now_ns()
-                subset.finish(req.index, t - req.start_ns, t)
+            if req.index >= 0:
+                if up is not None and up.t_response_ns:
+                    subset.finish(req.index, up.t_response_ns - up.t_open_ns, up.t_response_ns)
+                else:
+                    t = now_ns()
+                    subset.finish(req.index, t - req.start_ns, t)
+            ep = req.endpoint
+            if ep is not None and up is not None and ep.cluster.outlier is not None:
+                if up.recv_headers:
+                    ep.cluster.record(ep, outcome(up.status, up.grpc_status), now_ns())
+                elif up.closed_remote_reset or up.conn.terminated:
+                    ep.cluster.record(ep, outlier.LOCAL_ORIGIN_FAILURE, now_ns())
+                # Otherwise the downstream gave up (or its deadline passed): not the endpoint's doing.
         for hook in self.on_complete:
             hook(req)
+
+    # -- retries ----------------------------------------------------------------
+
+    def retry_hook(self, down: h2.Stream, up: h2.Stream, reason: int) -> bool:
+        """The core's question (``RetryOn.hook``): the attempt ``up`` of the request on ``down`` failed
+        in a way its route retries; may it go out again? Records the failure for outlier detection
+        when it does (otherwise the response goes downstream and ``complete`` records it)."""
+        req = down.user
+        if req is None or req.done or req.up is not up or not self.may_retry(req):
+            return False
+        ep = req.endpoint
+        if ep is not None:
+            result = outlier.LOCAL_ORIGIN_FAILURE if reason == h2.RETRY_RESET else outcome(up.status, up.grpc_status)
+            ep.cluster.record(ep, result, now_ns())
+        req.backoff = True
+        return True
+
+    def may_retry(self, req: Request) -> bool:
+        """Whether ``req`` may be retried now: attempts left, ``max_retries``, then the budget (a token is
+        spent when it says yes). A refusal is counted and flags the request URX."""
+        policy = req.route.retry
+        if policy is None or req.retries >= policy.num_retries:
+            req.flags = "URX"
+            return False
+        cluster = req.subset.cluster
+        state = cluster.state
+        if not req.retrying and cluster.max_retries and state.active_retries >= cluster.max_retries:
+            state.retries_overflow += 1
+            req.flags = "URX"
+            return False
+        if not (policy.budget or state.budget).withdraw(now_ns()):
+            state.retries_denied += 1
+            req.flags = "URX"
+            return False
+        req.retries += 1
+        state.retries += 1
+        if not req.retrying:
+            req.retrying = True
+            state.active_retries += 1
+        return True
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -264,12 +364,23 @@ class Worker:
             self.listeners = opened
             for _, server in opened.values():
                 await server.start_serving()
+        if self.runtime is not None:
+            self.health.update(self.runtime)
         self._sweeper = self.loop.call_later(1.0, self._sweep)
 
     def _sweep(self) -> None:
         now = time.monotonic()
         for p in list(self.upstreams):
             p.check_idle(now)
+        runtime = self.runtime
+        if runtime is not None:
+            t = now_ns()
+            for cluster in runtime.clusters.values():
+                cluster.sweep(t)
+            timeouts = runtime.listener_timeouts
+            for p in list(self.downstreams):
+                idle, stream_idle = timeouts.get(p.listener, (0.0, 0))
+                p.check_idle(now, idle, t, stream_idle)
         self.outbox.flush()
         self._sweeper = self.loop.call_later(1.0, self._sweep)
 
@@ -290,6 +401,7 @@ class Worker:
             return
         self.draining = True
         log.info("draining %d connections (deadline %.1fs)", len(self.downstreams), self.drain_timeout)
+        self.health.stop()
         for hook in self.on_drain:
             hook()
         _close_servers(self.listeners)

@@ -1,0 +1,259 @@
+"""Active health checks: ``grpc.health.v1.Health/Check`` from one worker to every endpoint of the
+clusters that configure ``health_check``.
+
+Owns the checks and the verdict ``Endpoint.unhealthy``; the cluster turns
+the verdict (with outlier detection's) into balancer availability. Each
+endpoint gets one task and one HTTP/2 connection of its own (kept between
+checks, made again after a failure), spoken with our sans-IO connection as
+the control plane's stream is: no grpcio in the sidecar. A check passes
+when the answer is grpc-status 0 with ``status: SERVING`` within
+``timeout``; ``unhealthy_threshold`` failures in a row make the endpoint
+unhealthy, ``healthy_threshold`` passes in a row healthy again. Endpoints
+start healthy, so a new endpoint takes traffic before its first check (as
+Linkerd), and the first check of each task is jittered over the interval
+so that workers and sidecars do not check in step.
+
+``HealthChecker.update(runtime)`` follows config changes: tasks whose
+cluster, endpoint and settings are unchanged keep running (and their
+counts), the others are replaced or stopped; an endpoint whose cluster no
+longer checks is healthy again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from typing import TYPE_CHECKING, Any
+
+from meshproxy.conn import h2conn as h2
+from meshproxy.errors import H2Error
+from meshproxy.subscription import MessageReader, StreamEnded, grpc_frame
+
+if TYPE_CHECKING:
+    from meshproxy.upstream import Endpoint
+    from meshproxy.worker import Runtime
+
+__all__ = ["SERVING", "HealthChecker", "check_request", "serving_status"]
+
+log = logging.getLogger("meshproxy.health")
+
+CHECK_PATH = b"/grpc.health.v1.Health/Check"
+#: HealthCheckResponse.ServingStatus.SERVING
+SERVING = 1
+
+
+def check_request(service: str) -> bytes:
+    """A ``grpc.health.v1.HealthCheckRequest`` for ``service``, protobuf-encoded (field 1, a string)."""
+    name = service.encode()
+    return (b"\x0a" + _varint(len(name)) + name) if name else b""
+
+
+def serving_status(message: bytes) -> int:
+    """The ``status`` (field 1, an enum) of a ``HealthCheckResponse``; 0 (UNKNOWN) when absent.
+    ValueError for bytes that are not a protobuf message."""
+    i, n, status = 0, len(message), 0
+    while i < n:
+        key, i = _read_varint(message, i)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = _read_varint(message, i)
+            if field == 1:
+                status = value
+        elif wire == 2:
+            length, i = _read_varint(message, i)
+            i += length
+        elif wire == 1:
+            i += 8
+        elif wire == 5:
+            i += 4
+        else:
+            raise ValueError(f"wire type {wire}")
+        if i > n:
+            raise ValueError("truncated")
+    return status
+
+
+def _varint(v: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = v & 0x7F
+        v >>= 7
+        if v:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _read_varint(buf: bytes, i: int) -> tuple[int, int]:
+    shift = value = 0
+    while True:
+        if i >= len(buf) or shift > 63:
+            raise ValueError("bad varint")
+        b = buf[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, i
+        shift += 7
+
+
+class _Settings:
+    __slots__ = ("healthy", "interval", "service", "timeout", "unhealthy")
+
+    def __init__(self, msg: Any) -> None:
+        self.interval = _seconds(msg, "interval", 10.0)
+        self.timeout = _seconds(msg, "timeout", 1.0)
+        self.unhealthy = msg.unhealthy_threshold or 3
+        self.healthy = msg.healthy_threshold or 2
+        self.service = msg.grpc_service_name
+
+    def key(self) -> tuple:
+        return (self.interval, self.timeout, self.unhealthy, self.healthy, self.service)
+
+
+def _seconds(msg: Any, field: str, default: float) -> float:
+    if not msg.HasField(field):
+        return default
+    d = getattr(msg, field)
+    return d.seconds + d.nanos / 1e9
+
+
+class _Check:
+    """The checks of one endpoint: its task and connection."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, endpoint: Endpoint, settings: _Settings) -> None:
+        self.endpoint = endpoint
+        self.settings = settings
+        self.fails = 0
+        self.passes = 0
+        self.conn: Any = None
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.task = loop.create_task(self._run())
+
+    def stop(self) -> None:
+        self.task.cancel()
+        self._disconnect()
+
+    async def _run(self) -> None:
+        s = self.settings
+        await asyncio.sleep(random.uniform(0.0, s.interval))
+        while True:
+            ok, why = await self._check_once()
+            self._verdict(ok, why)
+            await asyncio.sleep(s.interval)
+
+    def _verdict(self, ok: bool, why: str) -> None:
+        ep, s = self.endpoint, self.settings
+        if ok:
+            self.fails = 0
+            self.passes += 1
+            if ep.unhealthy and self.passes >= s.healthy:
+                ep.unhealthy = False
+                log.info("%s is healthy again", ep.address)
+                ep.cluster.refresh(ep)
+        else:
+            self.passes = 0
+            self.fails += 1
+            if not ep.unhealthy and self.fails >= s.unhealthy:
+                ep.unhealthy = True
+                log.warning("%s is unhealthy: %s", ep.address, why)
+                ep.cluster.refresh(ep)
+
+    async def _check_once(self) -> tuple[bool, str]:
+        try:
+            async with asyncio.timeout(self.settings.timeout):
+                return await self._exchange()
+        except TimeoutError:
+            self._disconnect()
+            return False, f"no answer within {self.settings.timeout:g}s"
+        except (OSError, StreamEnded, ValueError, H2Error) as e:
+            self._disconnect()
+            return False, str(e) or type(e).__name__
+
+    async def _exchange(self) -> tuple[bool, str]:
+        ep = self.endpoint
+        if self.conn is None or self.conn.terminated or self.conn.goaway_received:
+            self._disconnect()
+            self.reader, self.writer = await asyncio.open_connection(ep.host, ep.port)
+            self.conn = h2.H2Connection(True)
+            self.conn.initiate()
+        conn = self.conn
+        headers = [
+            (b":method", b"POST"),
+            (b":scheme", b"http"),
+            (b":path", CHECK_PATH),
+            (b":authority", ep.address.encode()),
+            (b"content-type", b"application/grpc"),
+            (b"te", b"trailers"),
+        ]
+        stream = conn.open_stream(headers)
+        conn.send_data(stream, grpc_frame(check_request(self.settings.service)), True)
+        self.writer.write(conn.data_to_send())
+        messages = MessageReader()
+        got: list[bytes] = []
+        while not (stream.recv_end or stream.state == "closed"):
+            data = await self.reader.read(65536)
+            if not data:
+                raise ConnectionError("the endpoint closed the connection")
+            for ev in conn.receive(data) or ():
+                if ev[0] == h2.EV_DATA and ev[1] is stream:
+                    got += messages.feed(ev[2])
+            out = conn.data_to_send()
+            if out:
+                self.writer.write(out)
+            if conn.terminated:
+                raise ConnectionError("HTTP/2 connection error")
+        if stream.closed_remote_reset:
+            return False, f"the check was reset (error code {stream.error_code})"
+        if stream.status != 200:
+            return False, f"HTTP status {stream.status}"
+        if stream.grpc_status != 0:
+            return False, f"grpc-status {stream.grpc_status}"
+        status = serving_status(got[-1]) if got else 0
+        if status != SERVING:
+            return False, f"serving status {status}"
+        return True, ""
+
+    def _disconnect(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.conn = self.reader = self.writer = None
+
+
+class HealthChecker:
+    """One worker's active health checks."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._checks: dict[tuple[str, str], _Check] = {}
+
+    def update(self, runtime: Runtime) -> None:
+        """Bring the checks in line with ``runtime``'s clusters (see the module docstring)."""
+        wanted: dict[tuple[str, str], tuple[Endpoint, _Settings]] = {}
+        for cluster in runtime.clusters.values():
+            msg = cluster.health_check
+            if msg is None:
+                for ep in cluster.endpoints:
+                    if ep.unhealthy:
+                        ep.unhealthy = False
+                        cluster.refresh(ep)
+                continue
+            settings = _Settings(msg)
+            for ep in cluster.endpoints:
+                wanted[(cluster.name, ep.address)] = (ep, settings)
+        for key, check in list(self._checks.items()):
+            want = wanted.get(key)
+            if want is None or want[0] is not check.endpoint or want[1].key() != check.settings.key():
+                check.stop()
+                del self._checks[key]
+        for key, (ep, settings) in wanted.items():
+            if key not in self._checks:
+                self._checks[key] = _Check(self.loop, ep, settings)
+
+    def stop(self) -> None:
+        for check in self._checks.values():
+            check.stop()
+        self._checks.clear()
