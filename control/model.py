@@ -9,14 +9,15 @@ naming the field (``spec.http[0].route[1].weight: ...``) and every other one
 is kept, so one broken VirtualService never takes the mesh down. Fields
 Istio has and meshproxy does not implement are refused when they change
 where or how a request goes (``redirect``, header rewriting, ...) and
-accepted with a warning when they only protect or tune (``outlierDetection``
-until the resilience layer lands, ``tls`` until mTLS does).
+accepted with a warning when they only protect or tune (``tls`` until mTLS
+lands, ``minHealthPercent``, which needs a panic threshold meshproxy has not).
 
 What meshproxy adds to Istio's API is spelled out here and in README's
 "Configuration" section: ``retryBudget`` (Linkerd's retry budget) on
 ``VirtualService.spec.http[].retries`` and on
-``DestinationRule.spec.trafficPolicy``, and ``grpc: {service, method}`` in a
-VirtualService match.
+``DestinationRule.spec.trafficPolicy``, ``healthCheck`` (active checks with
+the gRPC health protocol) on ``DestinationRule.spec.trafficPolicy``, and
+``grpc: {service, method}`` in a VirtualService match.
 """
 
 from __future__ import annotations
@@ -31,11 +32,18 @@ __all__ = [
     "API_VERSIONS",
     "Destination",
     "DestinationRule",
+    "CircuitBreakers",
     "Endpoint",
+    "Fault",
+    "FaultAbort",
+    "FaultDelay",
+    "GRPC_STATUS",
     "HttpRoute",
     "Invalid",
     "Match",
     "Model",
+    "HealthCheck",
+    "OutlierDetection",
     "PeerAuthentication",
     "AuthorizationPolicy",
     "Port",
@@ -76,6 +84,9 @@ _LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(h|ms|m|us|µs|ns|s)")
 _MAX_DURATION_S = 315_576_000_000  # google.protobuf.Duration's limit
 _DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+_MAX_INT32 = 2**31 - 1
+_MAX_UINT32 = 2**32 - 1
+_MAX_OUTLIER_TIME_S = 4_611_686_018  # 2^62 ns, floored: the sidecar's outlier detector's limit
 _GRPC_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 #: Istio retryOn conditions meshproxy understands (Envoy's HTTP ones and gRPC status names).
@@ -95,6 +106,27 @@ RETRY_ON = frozenset(
         "unavailable",
     }
 )
+
+
+#: gRPC status names, as Istio spells a fault's ``abort.grpcStatus`` -> the code (OK cannot abort).
+GRPC_STATUS = {
+    "CANCELLED": 1,
+    "UNKNOWN": 2,
+    "INVALID_ARGUMENT": 3,
+    "DEADLINE_EXCEEDED": 4,
+    "NOT_FOUND": 5,
+    "ALREADY_EXISTS": 6,
+    "PERMISSION_DENIED": 7,
+    "RESOURCE_EXHAUSTED": 8,
+    "FAILED_PRECONDITION": 9,
+    "ABORTED": 10,
+    "OUT_OF_RANGE": 11,
+    "UNIMPLEMENTED": 12,
+    "INTERNAL": 13,
+    "UNAVAILABLE": 14,
+    "DATA_LOSS": 15,
+    "UNAUTHENTICATED": 16,
+}
 
 
 class Invalid(ValueError):
@@ -243,9 +275,26 @@ class _Spec:
             raise Invalid(self.at(key), f"must be from {lo:g} to {hi:g}, got {value:g}")
         return float(value)
 
+    def bool(self, key: str) -> bool | None:
+        value = self.data.get(key)
+        if value is not None and not isinstance(value, bool):
+            raise Invalid(self.at(key), f"expected true or false, got {_kind(value)}")
+        return value
+
     def duration(self, key: str) -> float | None:
         value = self.data.get(key)
         return None if value is None else parse_duration(value, self.at(key))
+
+    def min_duration(self, key: str, *, required: bool = False) -> float | None:
+        """A duration Istio says "MUST be >=1ms" (fixedDelay, interval, baseEjectionTime, backoff)."""
+        value = self.duration(key)
+        if value is None:
+            if required:
+                raise Invalid(self.at(key), "is required")
+            return None
+        if value < 1e-3:
+            raise Invalid(self.at(key), f"must be 1ms or more, got {self.data[key]!r}")
+        return value
 
     def labels(self, key: str) -> dict[str, str]:
         value = self.data.get(key)
@@ -356,10 +405,64 @@ class RetryBudget:
 
 @dataclass(frozen=True)
 class Retries:
-    attempts: int
+    attempts: int  # 0: no retries
     per_try_timeout: float | None
-    retry_on: tuple[str, ...]
+    retry_on: tuple[str, ...]  # (): Istio's default conditions
     budget: RetryBudget | None
+    backoff: float | None = None  # the base interval
+
+
+@dataclass(frozen=True)
+class FaultDelay:
+    fixed_delay: float
+    percentage: float | None  # None: every request
+
+
+@dataclass(frozen=True)
+class FaultAbort:
+    http_status: int | None  # exactly one of the two is set
+    grpc_status: int | None
+    percentage: float | None  # None: every request
+
+
+@dataclass(frozen=True)
+class Fault:
+    delay: FaultDelay | None
+    abort: FaultAbort | None
+
+
+@dataclass(frozen=True)
+class CircuitBreakers:
+    """connectionPool's limits; 0 is no limit (as Istio's unset)."""
+
+    max_connections: int = 0
+    max_pending_requests: int = 0
+    max_requests: int = 0
+    max_retries: int = 0
+
+
+@dataclass(frozen=True)
+class OutlierDetection:
+    """trafficPolicy.outlierDetection; None: left unset (the sidecar's defaults are Istio's)."""
+
+    consecutive_5xx: int | None = None
+    consecutive_gateway_errors: int | None = None
+    consecutive_local_origin_failures: int | None = None
+    split_external_local_origin_errors: bool = False
+    interval: float | None = None
+    base_ejection_time: float | None = None
+    max_ejection_percent: int | None = None
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """The ``healthCheck`` extension of a trafficPolicy; None fields: the sidecar's defaults."""
+
+    interval: float | None = None
+    timeout: float | None = None
+    unhealthy_threshold: int | None = None
+    healthy_threshold: int | None = None
+    grpc_service_name: str = ""
 
 
 @dataclass(frozen=True)
@@ -380,6 +483,9 @@ class DestinationRule:
     idle_timeout: float | None = None
     max_streams_per_connection: int | None = None
     retry_budget: RetryBudget | None = None
+    circuit_breakers: CircuitBreakers | None = None
+    outlier_detection: OutlierDetection | None = None
+    health_check: HealthCheck | None = None
 
 
 @dataclass(frozen=True)
@@ -425,7 +531,8 @@ class HttpRoute:
     rewrite_uri: str = ""
     rewrite_authority: str = ""
     timeout: float | None = None
-    retries: Retries | None = None
+    retries: Retries | None = None  # None: Istio's default policy
+    fault: Fault | None = None
 
 
 @dataclass
@@ -524,7 +631,7 @@ def _retries(spec: _Spec | None) -> Retries | None:
     if spec is None:
         return None
     spec.fields(
-        ("attempts", "perTryTimeout", "retryOn", "retryBudget"),
+        ("attempts", "perTryTimeout", "retryOn", "retryBudget", "backoff"),
         ignored={
             "retryRemoteLocalities": "meshproxy has no localities: ignored",
             "retryIgnorePreviousHosts": "the next attempt always prefers another endpoint",
@@ -538,7 +645,60 @@ def _retries(spec: _Spec | None) -> Retries | None:
     for c in conditions:
         if c not in RETRY_ON and not (c.isdigit() and 100 <= int(c) <= 599):
             raise Invalid(spec.at("retryOn"), f"unknown condition {c!r} (known: {', '.join(sorted(RETRY_ON))})")
-    return Retries(attempts, per_try, tuple(conditions), _budget(spec.spec("retryBudget")))
+    return Retries(
+        attempts, per_try, tuple(conditions), _budget(spec.spec("retryBudget")), spec.min_duration("backoff")
+    )
+
+
+def _percentage(spec: _Spec) -> float | None:
+    """Istio's Percent, ``percentage: {value: 0..100}``; None when not given (then: every request)."""
+    p = spec.spec("percentage")
+    if p is None:
+        return None
+    p.fields(("value",))
+    value = p.number("value", lo=0.0, hi=100.0)
+    return 0.0 if value is None else value  # proto3: an unset value is 0
+
+
+def _fault(spec: _Spec | None) -> Fault | None:
+    """Istio's HTTPFaultInjection; an unset percentage is every request, as Istio's reference says."""
+    if spec is None:
+        return None
+    spec.fields(("delay", "abort"))
+    delay = abort = None
+    if (d := spec.spec("delay")) is not None:
+        d.fields(
+            ("fixedDelay", "percentage", "percent"),
+            refused={"exponentialDelay": "exponential delays are not supported: use fixedDelay"},
+        )
+        fixed = d.min_duration("fixedDelay", required=True)
+        percentage = _percentage(d)
+        legacy = d.int("percent", lo=0, hi=100)  # deprecated; percentage wins when both are given
+        if percentage is None and legacy is not None:
+            percentage = float(legacy)
+        delay = FaultDelay(fixed, percentage)
+    if (a := spec.spec("abort")) is not None:
+        a.fields(
+            ("httpStatus", "grpcStatus", "percentage"),
+            refused={"http2Error": "aborting with an HTTP/2 error is not supported: use httpStatus or grpcStatus"},
+        )
+        if (a.get("httpStatus") is None) == (a.get("grpcStatus") is None):
+            raise Invalid(a.path, "set exactly one of httpStatus, grpcStatus")
+        http_status = a.int("httpStatus", lo=200, hi=599)
+        grpc_status = None
+        if http_status is None:
+            name = a.str("grpcStatus")
+            grpc_status = GRPC_STATUS.get(name)
+            if grpc_status is None:
+                hint = f" (did you mean {name.upper()!r}?)" if name.upper() in GRPC_STATUS else ""
+                raise Invalid(
+                    a.at("grpcStatus"),
+                    f"{name!r} is not a gRPC error status name{hint} (known: {', '.join(GRPC_STATUS)})",
+                )
+        abort = FaultAbort(http_status, grpc_status, _percentage(a))
+    if delay is None and abort is None:
+        raise Invalid(spec.path, "set delay, abort or both")
+    return Fault(delay, abort)
 
 
 def _match(spec: _Spec) -> Match:
@@ -604,7 +764,7 @@ def _match(spec: _Spec) -> Match:
 
 def _http_route(spec: _Spec, namespace: str, domain: str) -> HttpRoute:
     spec.fields(
-        ("name", "match", "route", "directResponse", "rewrite", "timeout", "retries"),
+        ("name", "match", "route", "directResponse", "rewrite", "timeout", "retries", "fault"),
         refused={
             "redirect": "redirects are not supported",
             "delegate": "delegation is not supported",
@@ -614,10 +774,7 @@ def _http_route(spec: _Spec, namespace: str, domain: str) -> HttpRoute:
             "mirrorPercentage": "mirroring is not supported",
             "mirror_percent": "mirroring is not supported",
         },
-        ignored={
-            "fault": "fault injection is not built yet: ignored",
-            "corsPolicy": "CORS is for browsers, not sidecars: ignored",
-        },
+        ignored={"corsPolicy": "CORS is for browsers, not sidecars: ignored"},
     )
     matches = tuple(_match(m) for m in spec.specs("match"))
     destinations = []
@@ -670,6 +827,7 @@ def _http_route(spec: _Spec, namespace: str, domain: str) -> HttpRoute:
         rewrite_authority=rewrite_authority,
         timeout=timeout,
         retries=_retries(spec.spec("retries")),
+        fault=_fault(spec.spec("fault")),
     )
 
 
@@ -693,9 +851,8 @@ def _virtual_service(meta: Meta, spec: _Spec, domain: str) -> VirtualService:
 
 def _traffic_policy(spec: _Spec, rule: DestinationRule) -> None:
     spec.fields(
-        ("loadBalancer", "connectionPool", "retryBudget"),
+        ("loadBalancer", "connectionPool", "outlierDetection", "retryBudget", "healthCheck"),
         ignored={
-            "outlierDetection": "outlier detection is not built yet: ignored",
             "tls": "mTLS is not built yet: ignored",
             "portLevelSettings": "per-port policies are not supported: ignored",
             "tunnel": "tunnels are not supported: ignored",
@@ -733,13 +890,13 @@ def _traffic_policy(spec: _Spec, rule: DestinationRule) -> None:
             if not _HEADER_NAME.fullmatch(name):
                 raise Invalid(ch.at("httpHeaderName"), f"{name!r} is not a header name")
             rule.lb_policy, rule.hash_header = "RING_HASH", name
+    limits: dict[str, int] = {}
     if (cp := spec.spec("connectionPool")) is not None:
         cp.fields(("tcp", "http"))
         if (tcp := cp.spec("tcp")) is not None:
             tcp.fields(
-                ("connectTimeout",),
+                ("connectTimeout", "maxConnections"),
                 ignored={
-                    "maxConnections": "circuit breaking is not built yet: ignored",
                     "tcpKeepalive": "ignored",
                     "maxConnectionDuration": "ignored",
                     "idleTimeout": "ignored (http.idleTimeout is honoured)",
@@ -748,20 +905,116 @@ def _traffic_policy(spec: _Spec, rule: DestinationRule) -> None:
             rule.connect_timeout = tcp.duration("connectTimeout")
             if rule.connect_timeout is not None and rule.connect_timeout <= 0:
                 raise Invalid(tcp.at("connectTimeout"), "must be greater than 0")
+            limits["max_connections"] = tcp.int("maxConnections", lo=0, hi=_MAX_INT32) or 0
         if (http := cp.spec("http")) is not None:
             http.fields(
-                ("idleTimeout", "maxConcurrentStreams"),
+                ("idleTimeout", "maxConcurrentStreams", "http1MaxPendingRequests", "http2MaxRequests", "maxRetries"),
                 ignored={
-                    k: "circuit breaking is not built yet: ignored"
-                    for k in ("http1MaxPendingRequests", "http2MaxRequests", "maxRequestsPerConnection", "maxRetries")
-                }
-                | {"h2UpgradePolicy": "meshproxy speaks HTTP/2 upstream: ignored", "useClientProtocol": "ignored"},
+                    "maxRequestsPerConnection": "connections are not closed after a number of requests: ignored",
+                    "h2UpgradePolicy": "meshproxy speaks HTTP/2 upstream: ignored",
+                    "useClientProtocol": "ignored",
+                },
             )
+            for key, name in (
+                ("http1MaxPendingRequests", "max_pending_requests"),
+                ("http2MaxRequests", "max_requests"),
+                ("maxRetries", "max_retries"),
+            ):
+                limits[name] = http.int(key, lo=0, hi=_MAX_INT32) or 0
             rule.idle_timeout = http.duration("idleTimeout")
             if rule.idle_timeout is not None and rule.idle_timeout <= 0:
                 raise Invalid(http.at("idleTimeout"), "must be greater than 0")
             rule.max_streams_per_connection = http.int("maxConcurrentStreams", lo=1, hi=2**31 - 1)
+    # Istio's 0 (or unset) is no limit, as the proto's 0.
+    if any(limits.values()):
+        rule.circuit_breakers = CircuitBreakers(**limits)
+    if (od := spec.spec("outlierDetection")) is not None:
+        rule.outlier_detection = _outlier_detection(od)
     rule.retry_budget = _budget(spec.spec("retryBudget"))
+    if (hc := spec.spec("healthCheck")) is not None:
+        rule.health_check = _health_check(hc)
+
+
+def _health_check(spec: _Spec) -> HealthCheck:
+    """meshproxy's ``healthCheck`` extension: grpc.health.v1 checks of every endpoint."""
+    spec.fields(("interval", "timeout", "unhealthyThreshold", "healthyThreshold", "grpcServiceName"))
+    interval = spec.duration("interval")
+    timeout = spec.duration("timeout")
+    if interval is not None and interval < 0.1:
+        raise Invalid(spec.at("interval"), f"must be 0.1s or more, got {spec.data['interval']!r}")
+    if timeout is not None and timeout <= 0:
+        raise Invalid(spec.at("timeout"), "must be greater than 0")
+    if (timeout if timeout is not None else 1.0) > (interval if interval is not None else 10.0):
+        raise Invalid(spec.at("timeout"), "must not exceed the interval (10s when unset)")
+    return HealthCheck(
+        interval,
+        timeout,
+        spec.int("unhealthyThreshold", lo=1, hi=1000),
+        spec.int("healthyThreshold", lo=1, hi=1000),
+        spec.str("grpcServiceName"),
+    )
+
+
+def _outlier_detection(spec: _Spec) -> OutlierDetection:
+    """Istio's OutlierDetection, as pilot applies it; what is left unset stays unset (the sidecar's
+    defaults are Istio's: 5 consecutive 5xx, 10s interval, 30s base ejection, 10%)."""
+    spec.fields(
+        (
+            "consecutive5xxErrors",
+            "consecutiveGatewayErrors",
+            "consecutiveLocalOriginFailures",
+            "splitExternalLocalOriginErrors",
+            "interval",
+            "baseEjectionTime",
+            "maxEjectionPercent",
+            "consecutiveErrors",
+        ),
+        ignored={"minHealthPercent": "meshproxy has no panic threshold: ignored"},
+    )
+    c5xx = spec.int("consecutive5xxErrors", lo=0, hi=_MAX_UINT32)
+    gateway = spec.int("consecutiveGatewayErrors", lo=0, hi=_MAX_UINT32)
+    legacy = spec.int("consecutiveErrors", lo=0, hi=_MAX_INT32)
+    if legacy:
+        # Istio reads the deprecated field as gateway errors only, with the 5xx count off (istio/api#617);
+        # the fields that replaced it win when given too.
+        spec.warnings.append(
+            (
+                spec.at("consecutiveErrors"),
+                "deprecated: read as consecutiveGatewayErrors, with consecutive5xxErrors 0, as Istio does",
+            )
+        )
+        gateway = legacy if gateway is None else gateway
+        c5xx = 0 if c5xx is None else c5xx
+    split = bool(spec.bool("splitExternalLocalOriginErrors"))
+    local = spec.int("consecutiveLocalOriginFailures", lo=0, hi=_MAX_UINT32)
+    if local is not None and not split:
+        spec.warnings.append(
+            (
+                spec.at("consecutiveLocalOriginFailures"),
+                "counted only with splitExternalLocalOriginErrors: true: ignored",
+            )
+        )
+        local = None
+    percent = spec.int("maxEjectionPercent", lo=0, hi=100)
+    if percent == 0:
+        spec.warnings.append(
+            (spec.at("maxEjectionPercent"), "0 is read as unset, as Istio does: up to 10% of endpoints are ejected")
+        )
+        percent = None
+    times = {}
+    for key in ("interval", "baseEjectionTime"):
+        times[key] = spec.min_duration(key)
+        if times[key] is not None and times[key] > _MAX_OUTLIER_TIME_S:
+            raise Invalid(spec.at(key), f"must be at most {_MAX_OUTLIER_TIME_S:.0f}s (about 146 years)")
+    return OutlierDetection(
+        consecutive_5xx=c5xx,
+        consecutive_gateway_errors=gateway,
+        consecutive_local_origin_failures=local,
+        split_external_local_origin_errors=split,
+        interval=times["interval"],
+        base_ejection_time=times["baseEjectionTime"],
+        max_ejection_percent=percent,
+    )
 
 
 def _destination_rule(meta: Meta, spec: _Spec, domain: str) -> DestinationRule:

@@ -11,13 +11,18 @@ ServiceEntry host) exported to its namespace (``exportTo``; the default is
 
 - a cluster per service port, named as Istio names them
   (``outbound|9080||reviews.default.svc.cluster.local``), with the ready
-  endpoints, the DestinationRule's subsets and traffic policy;
+  endpoints, the DestinationRule's subsets and traffic policy (load
+  balancer, connection pool and circuit breakers, outlier detection, retry
+  budget);
 - on the ``outbound`` listener, a virtual host per service port whose
   domains are the names a client may use (``reviews`` from the same
   namespace, ``reviews.default``, ``reviews.default.svc``, the FQDN; each
   with ``:port``, and bare when the service has a single port), and whose
   routes are the VirtualService's HTTP routes for that port, in order, or a
   single route to the whole cluster when no VirtualService names the host.
+  Every route that forwards has a retry policy: the VirtualService's, or
+  Istio's default one (``DEFAULT_RETRY_ON``, 2 retries) when it gives none,
+  as pilot does; ``attempts: 0`` is a policy of no retries.
 
 Resources refused by ``control.model`` never reach here. What can only be
 judged across resources is reported once, as warnings, in
@@ -37,9 +42,12 @@ from google.protobuf.duration_pb2 import Duration
 from control.model import (
     Destination,
     DestinationRule,
+    Fault,
+    HealthCheck,
     HttpRoute,
     Match,
     Model,
+    OutlierDetection,
     Problem,
     Retries,
     RetryBudget,
@@ -48,10 +56,28 @@ from control.model import (
 )
 from meshproxy.config.v1 import config_pb2 as pb
 
-__all__ = ["OUTBOUND_ADDRESS", "Scope", "Translator", "cluster_name", "version_of"]
+__all__ = [
+    "DEFAULT_NUM_RETRIES",
+    "DEFAULT_RETRY_ON",
+    "OUTBOUND_ADDRESS",
+    "Scope",
+    "Translator",
+    "cluster_name",
+    "version_of",
+]
 
 #: Where the outbound listener binds unless the sidecar says otherwise (its --listen).
 OUTBOUND_ADDRESS = "127.0.0.1:15001"
+
+#: Istio's default retry policy (pilot's retry.DefaultPolicy): for a route whose VirtualService
+#: gives no ``retries``, and for the default route; also the conditions of a policy that gives
+#: ``attempts`` but no ``retryOn``. Envoy's "retriable-status-codes" with Istio's codes [503] is
+#: "retriable-status-codes" and "503" here.
+DEFAULT_NUM_RETRIES = 2
+DEFAULT_RETRY_ON = ("connect-failure", "refused-stream", "unavailable", "cancelled", "retriable-status-codes", "503")
+
+# Envoy's max_ejection_time is the larger of 300s and base_ejection_time when unset; the sidecar's is 300s.
+_DEFAULT_MAX_EJECTION_S = 300.0
 
 #: (namespace, the labels that matter, sorted) -> one config.
 Scope = tuple[str, tuple[tuple[str, str], ...]]
@@ -207,6 +233,7 @@ class Translator:
                     route = vh.routes.add(name="default")
                     route.match.prefix = "/"
                     route.route.clusters.add(cluster=self._cluster(clusters, svc, port.number, namespace).name)
+                    _retry_policy(route.retry_policy, None)
                     continue
                 for i, r in enumerate(vs.http):
                     self._routes(vh, vs, i, r, svc, port.number, namespace, labels, clusters)
@@ -243,6 +270,16 @@ class Translator:
                 c.max_concurrent_streams_per_connection = dr.max_streams_per_connection
             if dr.retry_budget is not None:
                 c.retry_budget.CopyFrom(_budget(dr.retry_budget))
+            if dr.circuit_breakers is not None:
+                cb = dr.circuit_breakers
+                c.circuit_breakers.max_connections = cb.max_connections
+                c.circuit_breakers.max_pending_requests = cb.max_pending_requests
+                c.circuit_breakers.max_requests = cb.max_requests
+                c.circuit_breakers.max_retries = cb.max_retries
+            if dr.outlier_detection is not None:
+                _outlier_detection(c.outlier_detection, dr.outlier_detection)
+            if dr.health_check is not None:
+                _health_check(c.health_check, dr.health_check)
         clusters[name] = c
         return c
 
@@ -274,8 +311,8 @@ class Translator:
                 _match(route.match, m)
             if r.timeout is not None:
                 route.timeout.CopyFrom(_duration(r.timeout))
-            if r.retries is not None:
-                _retry_policy(route.retry_policy, r.retries)
+            if r.fault is not None:
+                _fault(route.fault, r.fault)
             if r.direct_status is not None:
                 route.direct_response.status = r.direct_status
                 route.direct_response.body = r.direct_body
@@ -292,6 +329,8 @@ class Translator:
                 route.route.prefix_rewrite = r.rewrite_uri
             if r.rewrite_authority:
                 route.route.authority_rewrite = r.rewrite_authority
+            # Only a route that forwards retries (as in Istio, where a direct response has no RouteAction).
+            _retry_policy(route.retry_policy, r.retries)
 
     @staticmethod
     def _applies(m: Match, port: int, namespace: str, labels: dict[str, str]) -> bool:
@@ -361,10 +400,63 @@ def _budget(b: RetryBudget) -> pb.RetryBudget:
     return out
 
 
-def _retry_policy(out: pb.RetryPolicy, r: Retries) -> None:
+def _retry_policy(out: pb.RetryPolicy, r: Retries | None) -> None:
+    """Pilot's ConvertPolicy: no ``retries``, the default policy; ``attempts`` 0, no retries (and
+    nothing else of the policy applies); otherwise the default overridden by what is given."""
+    out.SetInParent()  # set even when every field is at its default: num_retries 0 is "no retries"
+    if r is None:
+        out.num_retries = DEFAULT_NUM_RETRIES
+        out.retry_on.extend(DEFAULT_RETRY_ON)
+        return
+    if r.attempts <= 0:
+        return
     out.num_retries = r.attempts
     if r.per_try_timeout is not None:
         out.per_try_timeout.CopyFrom(_duration(r.per_try_timeout))
-    out.retry_on.extend(r.retry_on)
+    out.retry_on.extend(r.retry_on or DEFAULT_RETRY_ON)
     if r.budget is not None:
         out.budget.CopyFrom(_budget(r.budget))
+    if r.backoff is not None:
+        out.base_interval.CopyFrom(_duration(r.backoff))
+
+
+def _fault(out: pb.FaultInjection, f: Fault) -> None:
+    if f.delay is not None:
+        out.delay.fixed_delay.CopyFrom(_duration(f.delay.fixed_delay))
+        if f.delay.percentage is not None:
+            out.delay.percentage = f.delay.percentage
+    if f.abort is not None:
+        if f.abort.http_status is not None:
+            out.abort.http_status = f.abort.http_status
+        else:
+            out.abort.grpc_status = f.abort.grpc_status
+        if f.abort.percentage is not None:
+            out.abort.percentage = f.abort.percentage
+
+
+def _health_check(out: pb.HealthCheck, h: HealthCheck) -> None:
+    out.SetInParent()  # present with every field unset: checks on, with the defaults
+    if h.interval is not None:
+        out.interval.CopyFrom(_duration(h.interval))
+    if h.timeout is not None:
+        out.timeout.CopyFrom(_duration(h.timeout))
+    out.unhealthy_threshold = h.unhealthy_threshold or 0
+    out.healthy_threshold = h.healthy_threshold or 0
+    out.grpc_service_name = h.grpc_service_name
+
+
+def _outlier_detection(out: pb.OutlierDetection, o: OutlierDetection) -> None:
+    out.SetInParent()  # present with every field unset: detection on, with the defaults
+    for name in ("consecutive_5xx", "consecutive_gateway_errors", "consecutive_local_origin_failures"):
+        value = getattr(o, name)
+        if value is not None:
+            setattr(out, name, value)
+    out.split_external_local_origin_errors = o.split_external_local_origin_errors
+    if o.interval is not None:
+        out.interval.CopyFrom(_duration(o.interval))
+    if o.base_ejection_time is not None:
+        out.base_ejection_time.CopyFrom(_duration(o.base_ejection_time))
+        if o.base_ejection_time > _DEFAULT_MAX_EJECTION_S:
+            out.max_ejection_time.CopyFrom(_duration(o.base_ejection_time))
+    if o.max_ejection_percent is not None:
+        out.max_ejection_percent = o.max_ejection_percent

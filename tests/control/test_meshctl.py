@@ -27,6 +27,16 @@ BROKEN_PROBLEMS = [
         "origin": BROKEN,
     },
     {
+        "severity": "error",
+        "resource": "VirtualService default/faulty",
+        "path": "spec.http[0].fault.abort.grpcStatus",
+        "message": "'Unavailable' is not a gRPC error status name (did you mean 'UNAVAILABLE'?) (known: CANCELLED, "
+        "UNKNOWN, INVALID_ARGUMENT, DEADLINE_EXCEEDED, NOT_FOUND, ALREADY_EXISTS, PERMISSION_DENIED, "
+        "RESOURCE_EXHAUSTED, FAILED_PRECONDITION, ABORTED, OUT_OF_RANGE, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, "
+        "DATA_LOSS, UNAUTHENTICATED)",
+        "origin": BROKEN,
+    },
+    {
         "severity": "warning",
         "resource": "VirtualService default/to-nowhere",
         "path": "spec.http[0].route[0].destination",
@@ -68,8 +78,8 @@ def test_clean(capsys):
 def test_only_warnings_exit_0(capsys):
     assert run(capsys, "-f", WARNINGS) == (
         0,
-        f"WARNING DestinationRule default/reviews ({WARNINGS}): spec.trafficPolicy.outlierDetection: "
-        "outlier detection is not built yet: ignored\n"
+        f"WARNING DestinationRule default/reviews ({WARNINGS}): spec.trafficPolicy.outlierDetection.minHealthPercent: "
+        "meshproxy has no panic threshold: ignored\n"
         "2 resources, 0 errors, 1 warnings: OK\n",
         "",
     )
@@ -80,13 +90,17 @@ def test_errors_exit_1_with_a_line_per_problem(capsys):
     assert (code, err) == (1, "")
     assert out.splitlines() == [
         f"ERROR   VirtualService default/redirecting ({BROKEN}): spec.http[0].redirect: redirects are not supported",
+        f"ERROR   VirtualService default/faulty ({BROKEN}): spec.http[0].fault.abort.grpcStatus: 'Unavailable' is "
+        "not a gRPC error status name (did you mean 'UNAVAILABLE'?) (known: CANCELLED, UNKNOWN, INVALID_ARGUMENT, "
+        "DEADLINE_EXCEEDED, NOT_FOUND, ALREADY_EXISTS, PERMISSION_DENIED, RESOURCE_EXHAUSTED, FAILED_PRECONDITION, "
+        "ABORTED, OUT_OF_RANGE, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS, UNAUTHENTICATED)",
         f"WARNING VirtualService default/to-nowhere ({BROKEN}): spec.http[0].route[0].destination: host ghost.local "
         "is not a known service (a Kubernetes Service or a ServiceEntry host): this route answers 503",
         f"WARNING VirtualService default/no-such-subset ({BROKEN}): spec.http[0].route[0].destination: subset 'v9' "
         "of reviews.local is not defined by any DestinationRule: this route answers 503",
         f"WARNING VirtualService default/no-such-subset ({BROKEN}): host reviews.local is also routed by "
         "VirtualService default/to-nowhere; a sidecar uses the one closest to it",
-        "5 resources, 1 errors, 3 warnings: would be rejected",
+        "6 resources, 2 errors, 3 warnings: would be rejected",
     ]
 
 
@@ -97,7 +111,7 @@ def test_json_and_yaml_carry_the_same_problems(capsys):
     code_j, out_j, err_j = run(capsys, "-f", BROKEN, "-o", "json")
     code_y, out_y, err_y = run(capsys, "-f", BROKEN, "--output", "yaml")
     assert (code_j, code_y, err_j, err_y) == (1, 1, "", "")
-    expected = {"resources": 5, "errors": 1, "problems": BROKEN_PROBLEMS}
+    expected = {"resources": 6, "errors": 2, "problems": BROKEN_PROBLEMS}
     assert json.loads(out_j) == expected
     assert yaml.safe_load(out_y) == expected
     # and the table says the same
@@ -112,7 +126,7 @@ def test_json_clean(capsys):
 
 def test_analyze_function():
     problems, count = analyze([BROKEN])
-    assert (problems, count) == (BROKEN_PROBLEMS, 5)
+    assert (problems, count) == (BROKEN_PROBLEMS, 6)
 
 
 # -- inputs -------------------------------------------------------------------------------------
@@ -123,8 +137,8 @@ def test_stdin(capsys, monkeypatch):
     code, out, err = run(capsys, "-f", "-")
     assert (code, err) == (0, "")
     assert out.splitlines() == [
-        "WARNING DestinationRule default/reviews (<stdin>): spec.trafficPolicy.outlierDetection: "
-        "outlier detection is not built yet: ignored",
+        "WARNING DestinationRule default/reviews (<stdin>): spec.trafficPolicy.outlierDetection.minHealthPercent: "
+        "meshproxy has no panic threshold: ignored",
         "2 resources, 0 errors, 1 warnings: OK",
     ]
 
@@ -225,7 +239,7 @@ def test_installed_command():
         [str(MESHCTL), "analyze", "-f", BROKEN, "-o", "json"], capture_output=True, text=True, timeout=30
     )
     assert (proc.returncode, proc.stderr) == (1, "")
-    assert json.loads(proc.stdout) == {"resources": 5, "errors": 1, "problems": BROKEN_PROBLEMS}
+    assert json.loads(proc.stdout) == {"resources": 6, "errors": 2, "problems": BROKEN_PROBLEMS}
 
     proc = subprocess.run(
         [str(MESHCTL), "analyze", "-f", "-"], input=Path(DEMO).read_text(), capture_output=True, text=True, timeout=30

@@ -9,8 +9,13 @@ import pytest
 
 from control.model import (
     API_VERSIONS,
+    CircuitBreakers,
     Endpoint,
+    Fault,
+    FaultAbort,
+    FaultDelay,
     Invalid,
+    OutlierDetection,
     Port,
     Problem,
     Service,
@@ -78,6 +83,11 @@ def _resources(model):
 
 
 SIMPLE_ROUTE = [route({"host": "reviews"})]
+GRPC_NAMES = (
+    "CANCELLED, UNKNOWN, INVALID_ARGUMENT, DEADLINE_EXCEEDED, NOT_FOUND, ALREADY_EXISTS, PERMISSION_DENIED, "
+    "RESOURCE_EXHAUSTED, FAILED_PRECONDITION, ABORTED, OUT_OF_RANGE, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, "
+    "DATA_LOSS, UNAUTHENTICATED"
+)
 
 
 # -- apiVersions --------------------------------------------------------------------------------
@@ -400,8 +410,208 @@ def test_repository_seed_parses_without_errors():
         (vs(SIMPLE_ROUTE, tcp=[]), "spec.tcp", "TCP routes are not supported yet"),
         (vs(SIMPLE_ROUTE, hosts=[]), "spec.hosts", "must not be empty"),
         (vs(SIMPLE_ROUTE, exportTo=["Prod"]), "spec.exportTo[0]", "'Prod' is not '.', '*', '~' or a namespace"),
+        # fault injection
+        (vs([route({"host": "reviews"}, fault={})]), "spec.http[0].fault", "set delay, abort or both"),
+        (vs([route({"host": "reviews"}, fault={"delays": {}})]), "spec.http[0].fault.delays", "unknown field"),
+        (
+            vs([route({"host": "reviews"}, fault={"delay": {"percentage": {"value": 5}}})]),
+            "spec.http[0].fault.delay.fixedDelay",
+            "is required",
+        ),
+        (
+            vs([route({"host": "reviews"}, fault={"delay": {"fixedDelay": "0s"}})]),
+            "spec.http[0].fault.delay.fixedDelay",
+            "must be 1ms or more, got '0s'",
+        ),
+        (
+            vs([route({"host": "reviews"}, fault={"delay": {"fixedDelay": "999us"}})]),
+            "spec.http[0].fault.delay.fixedDelay",
+            "must be 1ms or more, got '999us'",
+        ),
+        (
+            vs([route({"host": "reviews"}, fault={"delay": {"fixedDelay": 5}})]),
+            "spec.http[0].fault.delay.fixedDelay",
+            "expected a duration such as '1.5s' or '100ms', got 5",
+        ),
+        (
+            vs([route({"host": "reviews"}, fault={"delay": {"exponentialDelay": "1s"}})]),
+            "spec.http[0].fault.delay.exponentialDelay",
+            "exponential delays are not supported: use fixedDelay",
+        ),
+        (
+            vs([route({"host": "reviews"}, fault={"delay": {"fixedDelay": "1s", "percentage": {"value": 100.5}}})]),
+            "spec.http[0].fault.delay.percentage.value",
+            "must be from 0 to 100, got 100.5",
+        ),
+        (
+            vs([route({"host": "reviews"}, fault={"delay": {"fixedDelay": "1s", "percentage": {"value": "5%"}}})]),
+            "spec.http[0].fault.delay.percentage.value",
+            "expected a number, got a string",
+        ),
+        (
+            vs([route({"host": "reviews"}, fault={"delay": {"fixedDelay": "1s", "percentage": 5}})]),
+            "spec.http[0].fault.delay.percentage",
+            "expected a mapping, got int",
+        ),
+        (
+            vs([route({"host": "reviews"}, fault={"delay": {"fixedDelay": "1s", "percentage": {"val": 5}}})]),
+            "spec.http[0].fault.delay.percentage.val",
+            "unknown field",
+        ),
+        (
+            vs([route({"host": "reviews"}, fault={"delay": {"fixedDelay": "1s", "percent": 120}})]),
+            "spec.http[0].fault.delay.percent",
+            "must be from 0 to 100, got 120",
+        ),
+        (
+            vs([route({"host": "reviews"}, fault={"abort": {"percentage": {"value": 5}}})]),
+            "spec.http[0].fault.abort",
+            "set exactly one of httpStatus, grpcStatus",
+        ),
+        (
+            vs([route({"host": "reviews"}, fault={"abort": {"httpStatus": 503, "grpcStatus": "UNAVAILABLE"}})]),
+            "spec.http[0].fault.abort",
+            "set exactly one of httpStatus, grpcStatus",
+        ),
+        (
+            vs([route({"host": "reviews"}, fault={"abort": {"httpStatus": 600}})]),
+            "spec.http[0].fault.abort.httpStatus",
+            "must be from 200 to 599, got 600",
+        ),
+        (
+            vs([route({"host": "reviews"}, fault={"abort": {"httpStatus": 199}})]),
+            "spec.http[0].fault.abort.httpStatus",
+            "must be from 200 to 599, got 199",
+        ),
+        (
+            vs([route({"host": "reviews"}, fault={"abort": {"httpStatus": "503"}})]),
+            "spec.http[0].fault.abort.httpStatus",
+            "expected an integer, got a string",
+        ),
+        (
+            vs([route({"host": "reviews"}, fault={"abort": {"grpcStatus": "unavailable"}})]),
+            "spec.http[0].fault.abort.grpcStatus",
+            f"'unavailable' is not a gRPC error status name (did you mean 'UNAVAILABLE'?) (known: {GRPC_NAMES})",
+        ),
+        (
+            vs([route({"host": "reviews"}, fault={"abort": {"grpcStatus": "OK"}})]),
+            "spec.http[0].fault.abort.grpcStatus",
+            f"'OK' is not a gRPC error status name (known: {GRPC_NAMES})",
+        ),
+        (
+            vs([route({"host": "reviews"}, fault={"abort": {"grpcStatus": 14}})]),
+            "spec.http[0].fault.abort.grpcStatus",
+            "expected a string, got int",
+        ),
+        (
+            vs([route({"host": "reviews"}, fault={"abort": {"http2Error": "REFUSED_STREAM"}})]),
+            "spec.http[0].fault.abort.http2Error",
+            "aborting with an HTTP/2 error is not supported: use httpStatus or grpcStatus",
+        ),
+        (
+            vs([route({"host": "reviews"}, fault={"abort": {"httpStatus": 503, "percentage": {"value": -1}}})]),
+            "spec.http[0].fault.abort.percentage.value",
+            "must be from 0 to 100, got -1",
+        ),
+        (
+            vs([route({"host": "reviews"}, fault={"abort": {"httpStatus": 503, "percent": 10}})]),
+            "spec.http[0].fault.abort.percent",
+            "unknown field",
+        ),
+        # retry backoff
+        (
+            vs([route({"host": "reviews"}, retries={"attempts": 2, "backoff": "0s"})]),
+            "spec.http[0].retries.backoff",
+            "must be 1ms or more, got '0s'",
+        ),
         # DestinationRules
         (dr(host="*.example.com"), "spec.host", "'*.example.com' is not a host name"),
+        # circuit breakers (connectionPool) and outlier detection
+        (
+            dr(trafficPolicy={"connectionPool": {"tcp": {"maxConnections": -1}}}),
+            "spec.trafficPolicy.connectionPool.tcp.maxConnections",
+            "must be from 0 to 2147483647, got -1",
+        ),
+        (
+            dr(trafficPolicy={"connectionPool": {"http": {"http1MaxPendingRequests": -1}}}),
+            "spec.trafficPolicy.connectionPool.http.http1MaxPendingRequests",
+            "must be from 0 to 2147483647, got -1",
+        ),
+        (
+            dr(trafficPolicy={"connectionPool": {"http": {"http2MaxRequests": "many"}}}),
+            "spec.trafficPolicy.connectionPool.http.http2MaxRequests",
+            "expected an integer, got a string",
+        ),
+        (
+            dr(trafficPolicy={"connectionPool": {"http": {"maxRetries": 2**31}}}),
+            "spec.trafficPolicy.connectionPool.http.maxRetries",
+            "must be from 0 to 2147483647, got 2147483648",
+        ),
+        (
+            dr(trafficPolicy={"outlierDetection": {"consecutive5xxErrors": -1}}),
+            "spec.trafficPolicy.outlierDetection.consecutive5xxErrors",
+            "must be from 0 to 4294967295, got -1",
+        ),
+        (
+            dr(trafficPolicy={"outlierDetection": {"consecutiveGatewayErrors": 2**32}}),
+            "spec.trafficPolicy.outlierDetection.consecutiveGatewayErrors",
+            "must be from 0 to 4294967295, got 4294967296",
+        ),
+        (
+            dr(trafficPolicy={"outlierDetection": {"consecutiveLocalOriginFailures": 1.5}}),
+            "spec.trafficPolicy.outlierDetection.consecutiveLocalOriginFailures",
+            "expected an integer, got float",
+        ),
+        (
+            dr(trafficPolicy={"outlierDetection": {"consecutiveErrors": -2}}),
+            "spec.trafficPolicy.outlierDetection.consecutiveErrors",
+            "must be from 0 to 2147483647, got -2",
+        ),
+        (
+            dr(trafficPolicy={"outlierDetection": {"interval": "0s"}}),
+            "spec.trafficPolicy.outlierDetection.interval",
+            "must be 1ms or more, got '0s'",
+        ),
+        (
+            dr(trafficPolicy={"outlierDetection": {"baseEjectionTime": "soon"}}),
+            "spec.trafficPolicy.outlierDetection.baseEjectionTime",
+            "expected a duration such as '1.5s' or '100ms', got 'soon'",
+        ),
+        (
+            dr(trafficPolicy={"outlierDetection": {"baseEjectionTime": "0.5ms"}}),
+            "spec.trafficPolicy.outlierDetection.baseEjectionTime",
+            "must be 1ms or more, got '0.5ms'",
+        ),
+        (
+            dr(trafficPolicy={"outlierDetection": {"baseEjectionTime": "1281024h"}}),
+            "spec.trafficPolicy.outlierDetection.baseEjectionTime",
+            "must be at most 4611686018s (about 146 years)",
+        ),
+        (
+            dr(trafficPolicy={"outlierDetection": {"interval": "4611686019s"}}),
+            "spec.trafficPolicy.outlierDetection.interval",
+            "must be at most 4611686018s (about 146 years)",
+        ),
+        (
+            dr(trafficPolicy={"outlierDetection": {"maxEjectionPercent": 101}}),
+            "spec.trafficPolicy.outlierDetection.maxEjectionPercent",
+            "must be from 0 to 100, got 101",
+        ),
+        (
+            dr(trafficPolicy={"outlierDetection": {"splitExternalLocalOriginErrors": "yes"}}),
+            "spec.trafficPolicy.outlierDetection.splitExternalLocalOriginErrors",
+            "expected true or false, got a string",
+        ),
+        (
+            dr(trafficPolicy={"outlierDetection": {"Consecutive5xxErrors": 3}}),
+            "spec.trafficPolicy.outlierDetection.Consecutive5xxErrors",
+            "unknown field (did you mean 'consecutive5xxErrors'?)",
+        ),
+        (
+            dr(trafficPolicy={"outlierDetection": {"consecutive_5xx": 3}}),
+            "spec.trafficPolicy.outlierDetection.consecutive_5xx",
+            "unknown field",
+        ),
         (
             dr(subsets=[{"name": "v1", "labels": {"version": "v1"}}, {"name": "v1"}]),
             "spec.subsets[1].name",
@@ -558,34 +768,52 @@ def test_error_problem_carries_resource_and_origin():
 
 def test_ignored_fields_warn_and_keep_the_resource():
     rule = dr(
-        subsets=[{"name": "v1", "labels": {"version": "v1"}}],
-        trafficPolicy={"outlierDetection": {"consecutive5xxErrors": 3}, "tls": {"mode": "ISTIO_MUTUAL"}},
+        subsets=[{"name": "v1", "labels": {"version": "v1"}, "trafficPolicy": {"outlierDetection": {}}}],
+        trafficPolicy={
+            "outlierDetection": {"consecutive5xxErrors": 3, "minHealthPercent": 50},
+            "connectionPool": {"http": {"maxRequestsPerConnection": 1}},
+            "tls": {"mode": "ISTIO_MUTUAL"},
+        },
     )
-    virtual = vs([route({"host": "reviews"}, fault={"delay": {"fixedDelay": "5s"}})])
+    virtual = vs([route({"host": "reviews"}, corsPolicy={"allowOrigins": [{"exact": "https://a"}]})])
     model = parsed(rule, virtual)
     assert model.errors() == []
     assert [(p.severity, p.resource, p.path, p.message) for p in model.problems] == [
         (
             "warning",
             "DestinationRule default/reviews",
-            "spec.trafficPolicy.outlierDetection",
-            "outlier detection is not built yet: ignored",
+            "spec.subsets[0].trafficPolicy",
+            "per-subset policies are not supported: ignored",
         ),
         ("warning", "DestinationRule default/reviews", "spec.trafficPolicy.tls", "mTLS is not built yet: ignored"),
         (
             "warning",
+            "DestinationRule default/reviews",
+            "spec.trafficPolicy.connectionPool.http.maxRequestsPerConnection",
+            "connections are not closed after a number of requests: ignored",
+        ),
+        (
+            "warning",
+            "DestinationRule default/reviews",
+            "spec.trafficPolicy.outlierDetection.minHealthPercent",
+            "meshproxy has no panic threshold: ignored",
+        ),
+        (
+            "warning",
             "VirtualService default/reviews",
-            "spec.http[0].fault",
-            "fault injection is not built yet: ignored",
+            "spec.http[0].corsPolicy",
+            "CORS is for browsers, not sidecars: ignored",
         ),
     ]
     assert len(model.destination_rules) == 1 and len(model.virtual_services) == 1
     assert model.destination_rules[0].subsets[0].name == "v1"
+    assert model.destination_rules[0].outlier_detection == OutlierDetection(consecutive_5xx=3)
+    assert model.destination_rules[0].circuit_breakers is None
 
 
 def test_an_errored_resource_reports_no_warnings():
-    # the fault would warn, the redirect refuses: only the refusal is reported
-    assert problems(vs([{"fault": {}, "redirect": {}}])) == [
+    # the CORS policy would warn, the redirect refuses: only the refusal is reported
+    assert problems(vs([{"corsPolicy": {}, "redirect": {}}])) == [
         ("error", "VirtualService default/reviews", "spec.http[0].redirect", "redirects are not supported")
     ]
 
@@ -771,6 +999,62 @@ def test_destination_rule_values():
     assert (a.retry_budget.ratio, a.retry_budget.min_per_second, a.retry_budget.ttl) == (0.1, None, None)
     assert a.export_to == ("*",)
     assert (b.host, b.lb_policy) == ("ratings.shop.svc.cluster.local", "LEAST_REQUEST")
+
+
+def test_fault_values():
+    model = parsed(
+        vs(
+            [
+                route(
+                    {"host": "reviews"},
+                    fault={
+                        "delay": {"fixedDelay": "1.5s", "percentage": {"value": 0.1}, "percent": 30},
+                        "abort": {"grpcStatus": "RESOURCE_EXHAUSTED"},
+                    },
+                ),
+                route({"host": "reviews"}, fault={"delay": {"fixedDelay": "1ms", "percent": 30}}),
+                route({"host": "reviews"}, fault={"abort": {"httpStatus": 503, "percentage": {}}}),
+                route({"host": "reviews"}, retries={"attempts": 2, "backoff": "250ms"}),
+            ]
+        )
+    )
+    assert model.problems == []
+    a, b, c, d = model.virtual_services[0].http
+    # percentage wins over the deprecated percent; an unset percentage stays None (every request)
+    assert a.fault == Fault(FaultDelay(1.5, 0.1), FaultAbort(None, 8, None))
+    assert b.fault == Fault(FaultDelay(0.001, 30.0), None)
+    # an empty Percent is 0, as in proto3
+    assert c.fault == Fault(None, FaultAbort(503, None, 0.0))
+    assert (d.fault, d.retries.backoff) == (None, 0.25)
+
+
+def test_destination_rule_resilience_values():
+    model = parsed(
+        dr(
+            trafficPolicy={
+                "connectionPool": {
+                    "tcp": {"maxConnections": 10},
+                    "http": {"http1MaxPendingRequests": 1, "http2MaxRequests": 2**31 - 1, "maxRetries": 0},
+                },
+                "outlierDetection": {
+                    "consecutive5xxErrors": 0,
+                    "consecutiveGatewayErrors": 2**32 - 1,
+                    "consecutiveLocalOriginFailures": 0,
+                    "splitExternalLocalOriginErrors": True,
+                    "interval": "1ms",
+                    "baseEjectionTime": "2m",
+                    "maxEjectionPercent": 100,
+                },
+            }
+        ),
+        dr(name="bare", host="ratings", trafficPolicy={"outlierDetection": {}, "connectionPool": {"tcp": {}}}),
+    )
+    assert model.problems == []
+    a, b = model.destination_rules
+    assert a.circuit_breakers == CircuitBreakers(10, 1, 2**31 - 1, 0)
+    assert a.outlier_detection == OutlierDetection(0, 2**32 - 1, 0, True, 0.001, 120.0, 100)
+    # present and empty: detection with every default; no limit at all: no circuit breakers
+    assert (b.outlier_detection, b.circuit_breakers) == (OutlierDetection(), None)
 
 
 def test_service_entry_values():

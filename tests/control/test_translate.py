@@ -10,6 +10,8 @@ import copy
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from control.model import parse
 from control.sources.files import read_file
@@ -123,8 +125,26 @@ def vhost(name: str, domains: list[str], *routes) -> dict:
     return {"name": name, "domains": domains, "routes": list(routes)}
 
 
+#: Istio's default retry policy: on every forwarding route whose VirtualService gives no retries.
+DEFAULT_RETRY = {
+    "num_retries": 2,
+    "retry_on": ["connect-failure", "refused-stream", "unavailable", "cancelled", "retriable-status-codes", "503"],
+}
+
+
 def default_route(cluster: str) -> dict:
-    return {"name": "default", "match": {"prefix": "/"}, "route": {"clusters": [{"cluster": cluster}]}}
+    return {
+        "name": "default",
+        "match": {"prefix": "/"},
+        "route": {"clusters": [{"cluster": cluster}]},
+        "retry_policy": DEFAULT_RETRY,
+    }
+
+
+def fwd(name: str, *clusters: dict, match: dict | None = None, **extra) -> dict:
+    """A route (from a VirtualService without retries) forwarding to ``clusters``."""
+    route = {"name": name} | ({"match": match} if match is not None else {})
+    return route | {"route": {"clusters": list(clusters)}, "retry_policy": DEFAULT_RETRY} | extra
 
 
 def wc(cluster: str, subset: str = "", weight: int = 0) -> dict:
@@ -155,14 +175,7 @@ def test_demo_service_entry_destination_rule_and_canary():
     assert t.problems == []
     assert config(t) == {
         "listeners": [
-            listener(
-                demo_vhost(
-                    {
-                        "name": "default/reviews/0",
-                        "route": {"clusters": [wc(DEMO_CLUSTER, "v1", 80), wc(DEMO_CLUSTER, "v2", 20)]},
-                    }
-                )
-            )
+            listener(demo_vhost(fwd("default/reviews/0", wc(DEMO_CLUSTER, "v1", 80), wc(DEMO_CLUSTER, "v2", 20))))
         ],
         "clusters": [demo_cluster()],
     }
@@ -349,7 +362,7 @@ def test_virtual_service_export_to_limits_who_uses_it():
     vs = virtual_service([split(v1=100)], exportTo=["."])
     t = translator(service_entry(), destination_rule(), vs)
     assert config(t, "default")["listeners"][0]["virtual_hosts"][0]["routes"] == [
-        {"name": "default/reviews/0", "route": {"clusters": [wc(DEMO_CLUSTER, "v1", 100)]}}
+        fwd("default/reviews/0", wc(DEMO_CLUSTER, "v1", 100))
     ]
     assert config(t, "shop")["listeners"][0]["virtual_hosts"][0]["routes"] == [default_route(DEMO_CLUSTER)]
 
@@ -377,7 +390,14 @@ def test_destination_rule_connection_pool_and_retry_budget():
     policy = {
         "connectionPool": {
             "tcp": {"connectTimeout": "250ms", "maxConnections": 100},
-            "http": {"idleTimeout": "1m30s", "maxConcurrentStreams": 50},
+            "http": {
+                "idleTimeout": "1m30s",
+                "maxConcurrentStreams": 50,
+                "http1MaxPendingRequests": 10,
+                "http2MaxRequests": 1000,
+                "maxRetries": 3,
+                "maxRequestsPerConnection": 1,
+            },
         },
         "retryBudget": {"retryRatio": 0.25, "minRetriesPerSecond": 5, "ttl": "30s"},
     }
@@ -386,8 +406,8 @@ def test_destination_rule_connection_pool_and_retry_budget():
         (
             "warning",
             "DestinationRule default/reviews",
-            "spec.trafficPolicy.connectionPool.tcp.maxConnections",
-            "circuit breaking is not built yet: ignored",
+            "spec.trafficPolicy.connectionPool.http.maxRequestsPerConnection",
+            "connections are not closed after a number of requests: ignored",
         )
     ]
     assert config(t)["clusters"] == [
@@ -396,7 +416,158 @@ def test_destination_rule_connection_pool_and_retry_budget():
             idle_timeout="90s",
             max_concurrent_streams_per_connection=50,
             retry_budget={"retry_ratio": 0.25, "min_retries_per_second": 5, "ttl": "30s"},
+            circuit_breakers={
+                "max_connections": 100,
+                "max_pending_requests": 10,
+                "max_requests": 1000,
+                "max_retries": 3,
+            },
         )
+    ]
+
+
+@pytest.mark.parametrize(
+    ("pool", "expected"),
+    [
+        ({"tcp": {"maxConnections": 1}}, {"circuit_breakers": {"max_connections": 1}}),
+        ({"http": {"maxRetries": 0, "http2MaxRequests": 7}}, {"circuit_breakers": {"max_requests": 7}}),
+        # Istio's 0 is no limit, as the proto's: nothing to send
+        ({"tcp": {"maxConnections": 0}, "http": {"http1MaxPendingRequests": 0}}, {}),
+    ],
+)
+def test_circuit_breakers_only_what_is_limited(pool, expected):
+    t = translator(service_entry(), destination_rule(trafficPolicy={"connectionPool": pool}))
+    assert problems(t) == []
+    assert config(t)["clusters"] == [demo_cluster(**expected)]
+
+
+@pytest.mark.parametrize(
+    ("outlier", "expected"),
+    [
+        # present with nothing set: detection on with the defaults (5 consecutive 5xx, 10s, 30s, 10%)
+        ({}, {}),
+        (
+            {
+                "consecutive5xxErrors": 0,
+                "consecutiveGatewayErrors": 3,
+                "consecutiveLocalOriginFailures": 2,
+                "splitExternalLocalOriginErrors": True,
+                "interval": "5s",
+                "baseEjectionTime": "1m",
+                "maxEjectionPercent": 50,
+            },
+            {
+                "consecutive_5xx": 0,
+                "consecutive_gateway_errors": 3,
+                "consecutive_local_origin_failures": 2,
+                "split_external_local_origin_errors": True,
+                "interval": "5s",
+                "base_ejection_time": "60s",
+                "max_ejection_percent": 50,
+            },
+        ),
+        ({"consecutive5xxErrors": 7, "maxEjectionPercent": 100}, {"consecutive_5xx": 7, "max_ejection_percent": 100}),
+        # the deprecated field: gateway errors only, the 5xx count off (as pilot reads it)
+        ({"consecutiveErrors": 4}, {"consecutive_5xx": 0, "consecutive_gateway_errors": 4}),
+        ({"consecutiveErrors": 4, "consecutive5xxErrors": 6}, {"consecutive_5xx": 6, "consecutive_gateway_errors": 4}),
+        ({"consecutiveErrors": 0}, {}),
+        # Envoy's max ejection time is at least the base one
+        ({"baseEjectionTime": "10m"}, {"base_ejection_time": "600s", "max_ejection_time": "600s"}),
+        ({"baseEjectionTime": "5m"}, {"base_ejection_time": "300s"}),
+        # the longest the sidecar's detector takes (2^62 ns)
+        (
+            {"baseEjectionTime": "4611686018s", "interval": "4611686018s"},
+            {"interval": "4611686018s", "base_ejection_time": "4611686018s", "max_ejection_time": "4611686018s"},
+        ),
+    ],
+)
+def test_outlier_detection(outlier, expected):
+    t = translator(service_entry(), destination_rule(trafficPolicy={"outlierDetection": outlier}))
+    assert [p for p in problems(t) if p[0] == "error"] == []
+    assert config(t)["clusters"] == [demo_cluster(outlier_detection=expected)]
+
+
+@pytest.mark.parametrize(
+    ("check", "expected"),
+    [
+        ({}, {}),
+        (
+            {
+                "interval": "2s",
+                "timeout": "500ms",
+                "unhealthyThreshold": 4,
+                "healthyThreshold": 1,
+                "grpcServiceName": "demo.Reviews",
+            },
+            {
+                "interval": "2s",
+                "timeout": "0.500s",
+                "unhealthy_threshold": 4,
+                "healthy_threshold": 1,
+                "grpc_service_name": "demo.Reviews",
+            },
+        ),
+    ],
+)
+def test_health_check_extension(check, expected):
+    t = translator(service_entry(), destination_rule(trafficPolicy={"healthCheck": check}))
+    assert problems(t) == []
+    assert config(t)["clusters"] == [demo_cluster(health_check=expected)]
+
+
+@pytest.mark.parametrize(
+    ("check", "where", "why"),
+    [
+        ({"interval": "50ms"}, "interval", "0.1s or more"),
+        ({"interval": "1s", "timeout": "2s"}, "timeout", "must not exceed the interval"),
+        ({"timeout": "11s"}, "timeout", "must not exceed the interval"),
+        ({"unhealthyThreshold": 0}, "unhealthyThreshold", ""),
+        ({"grpcService": "x"}, "grpcService", ""),
+    ],
+)
+def test_health_check_extension_refusals(check, where, why):
+    t = translator(service_entry(), destination_rule(trafficPolicy={"healthCheck": check}))
+    errors = [p for p in problems(t) if p[0] == "error"]
+    assert len(errors) == 1 and f"spec.trafficPolicy.healthCheck.{where}" in str(errors[0]) and why in str(errors[0])
+
+
+def test_outlier_detection_what_istio_reads_as_unset_is_unset_with_a_warning():
+    outlier = {
+        "consecutiveLocalOriginFailures": 3,
+        "maxEjectionPercent": 0,
+        "minHealthPercent": 50,
+        "consecutiveErrors": 2,
+    }
+    t = translator(service_entry(), destination_rule(trafficPolicy={"outlierDetection": outlier}))
+    od = "spec.trafficPolicy.outlierDetection"
+    assert problems(t) == [
+        (
+            "warning",
+            "DestinationRule default/reviews",
+            f"{od}.minHealthPercent",
+            "meshproxy has no panic threshold: ignored",
+        ),
+        (
+            "warning",
+            "DestinationRule default/reviews",
+            f"{od}.consecutiveErrors",
+            "deprecated: read as consecutiveGatewayErrors, with consecutive5xxErrors 0, as Istio does",
+        ),
+        (
+            "warning",
+            "DestinationRule default/reviews",
+            f"{od}.consecutiveLocalOriginFailures",
+            "counted only with splitExternalLocalOriginErrors: true: ignored",
+        ),
+        (
+            "warning",
+            "DestinationRule default/reviews",
+            f"{od}.maxEjectionPercent",
+            "0 is read as unset, as Istio does: up to 10% of endpoints are ejected",
+        ),
+    ]
+    assert config(t)["clusters"] == [
+        demo_cluster(outlier_detection={"consecutive_5xx": 0, "consecutive_gateway_errors": 2})
     ]
 
 
@@ -437,12 +608,12 @@ def test_several_matches_one_route_each_in_order():
         },
         to(subset="v1"),
     )
-    v2 = {"clusters": [wc(DEMO_CLUSTER, "v2")]}
+    v2 = wc(DEMO_CLUSTER, "v2")
     assert _routes(t) == [
-        {"name": "default/reviews/api/0", "match": {"path": "/a"}, "route": v2},
-        {"name": "default/reviews/api/1", "match": {"prefix": "/b/"}, "route": v2},
-        {"name": "default/reviews/api/2", "match": {"regex": "/c/[0-9]+"}, "route": v2},
-        {"name": "default/reviews/1", "route": {"clusters": [wc(DEMO_CLUSTER, "v1")]}},
+        fwd("default/reviews/api/0", v2, match={"path": "/a"}),
+        fwd("default/reviews/api/1", v2, match={"prefix": "/b/"}),
+        fwd("default/reviews/api/2", v2, match={"regex": "/c/[0-9]+"}),
+        fwd("default/reviews/1", wc(DEMO_CLUSTER, "v1")),
     ]
 
 
@@ -470,6 +641,7 @@ def test_header_method_and_grpc_matches():
     assert _routes(t) == [
         {
             "name": "default/reviews/0/0",
+            "retry_policy": DEFAULT_RETRY,
             "match": {
                 "headers": [
                     {"name": "end-user", "exact": "jason"},
@@ -487,8 +659,9 @@ def test_header_method_and_grpc_matches():
             "name": "default/reviews/0/1",
             "match": {"grpc": {"service": "reviews.v1.Reviews", "method": "GetReview"}},
             "route": v2,
+            "retry_policy": DEFAULT_RETRY,
         },
-        {"name": "default/reviews/0/2", "match": {"grpc": {"service": "reviews.v1.Reviews"}}, "route": v2},
+        fwd("default/reviews/0/2", wc(DEMO_CLUSTER, "v2"), match={"grpc": {"service": "reviews.v1.Reviews"}}),
     ]
 
 
@@ -520,11 +693,153 @@ def test_timeout_retries_and_route_budget():
     ]
 
 
+_DURATIONS = st.one_of(
+    st.sampled_from(["0s", "1ms", "999us", "5m", "300s", "300.000000001s", "10m", "4611686018s", "4611686019s"]),
+    st.integers(0, 10**7).map(lambda ms: f"{ms}ms"),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    outlier=st.fixed_dictionaries(
+        {},
+        optional={
+            "consecutive5xxErrors": st.integers(-1, 2**32),
+            "consecutiveGatewayErrors": st.integers(-1, 2**32),
+            "consecutiveLocalOriginFailures": st.integers(-1, 2**32),
+            "consecutiveErrors": st.integers(-1, 2**31),
+            "splitExternalLocalOriginErrors": st.booleans(),
+            "interval": _DURATIONS,
+            "baseEjectionTime": _DURATIONS,
+            "maxEjectionPercent": st.integers(-1, 101),
+        },
+    ),
+    pool=st.fixed_dictionaries(
+        {},
+        optional={
+            "maxConnections": st.integers(-1, 2**31),
+            "http1MaxPendingRequests": st.integers(-1, 2**31),
+            "maxRetries": st.integers(-1, 2**31),
+        },
+    ),
+    delay=st.one_of(
+        st.none(),
+        st.fixed_dictionaries(
+            {"fixedDelay": _DURATIONS},
+            optional={"percentage": st.builds(dict, value=st.floats(-1, 101)), "percent": st.integers(-1, 101)},
+        ),
+    ),
+    abort=st.one_of(
+        st.none(),
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "httpStatus": st.integers(150, 650),
+                "grpcStatus": st.sampled_from(["OK", "CANCELLED", "UNAVAILABLE", "UNAUTHENTICATED", "unknown"]),
+                "percentage": st.builds(dict, value=st.floats(-1, 101)),
+            },
+        ),
+    ),
+    retries=st.one_of(
+        st.none(),
+        st.fixed_dictionaries(
+            {"attempts": st.integers(0, 5)}, optional={"backoff": _DURATIONS, "retryOn": st.just("5xx,unavailable")}
+        ),
+    ),
+)
+def test_whatever_the_model_accepts_the_sidecar_accepts(outlier, pool, delay, abort, retries):
+    http = {k: v for k, v in (("maxRetries", pool.pop("maxRetries", None)),) if v is not None}
+    policy = {"outlierDetection": outlier, "connectionPool": {"tcp": pool, "http": http}}
+    fault = {k: v for k, v in (("delay", delay), ("abort", abort)) if v is not None}
+    extra = ({"fault": fault} if fault else {}) | ({"retries": retries} if retries is not None else {})
+    objs = [service_entry(), destination_rule(trafficPolicy=policy), virtual_service([to(subset="v1", **extra)])]
+    model = parse([(o, "mesh.yaml") for o in objs])
+    t = Translator(model)
+    d = config(t)  # validated: whatever the model kept must be a config the sidecar takes
+    cluster, route = d["clusters"][0], d["listeners"][0]["virtual_hosts"][0]["routes"][0]
+    dr_refused = any(p.resource.startswith("DestinationRule") for p in model.errors())
+    vs_refused = any(p.resource.startswith("VirtualService") for p in model.errors())
+    assert ("outlier_detection" in cluster) == (not dr_refused)
+    assert ("fault" in route) == (bool(fault) and not vs_refused)
+
+
 def test_retries_zero_attempts_turn_retries_off():
-    t = _mesh(to(retries={"attempts": 0}))
+    # as pilot: attempts 0 is no retry policy at all, whatever else is given
+    t = _mesh(to(retries={"attempts": 0}), to(subset="v1", retries={"perTryTimeout": "1s", "retryOn": "5xx"}))
     assert _routes(t) == [
         {"name": "default/reviews/0", "route": {"clusters": [wc(DEMO_CLUSTER)]}, "retry_policy": {}},
+        {"name": "default/reviews/1", "route": {"clusters": [wc(DEMO_CLUSTER, "v1")]}, "retry_policy": {}},
     ]
+    # ...and the sidecar gets an explicit policy of no retries, not an unset one
+    (route, _) = t.config("default", {}).listeners[0].virtual_hosts[0].routes
+    assert route.HasField("retry_policy") and route.retry_policy.num_retries == 0
+
+
+def test_no_retries_is_istios_default_policy():
+    t = _mesh(to(subset="v1"))
+    (route,) = _routes(t)
+    assert route["retry_policy"] == {
+        "num_retries": 2,
+        "retry_on": ["connect-failure", "refused-stream", "unavailable", "cancelled", "retriable-status-codes", "503"],
+    }
+
+
+def test_retries_without_retry_on_keep_the_default_conditions_and_backoff_is_the_base_interval():
+    t = _mesh(to(retries={"attempts": 5, "backoff": "100ms"}), to(retries={"attempts": 1, "retryOn": "reset"}))
+    assert [r["retry_policy"] for r in _routes(t)] == [
+        {"num_retries": 5, "retry_on": DEFAULT_RETRY["retry_on"], "base_interval": "0.100s"},
+        {"num_retries": 1, "retry_on": ["reset"]},
+    ]
+
+
+def test_fault_injection_on_every_kind_of_route():
+    t = _mesh(
+        {
+            "match": [{"uri": {"prefix": "/grpc"}}],
+            **to(subset="v2"),
+            "fault": {"abort": {"grpcStatus": "UNAVAILABLE"}},
+        },
+        {
+            "match": [{"uri": {"prefix": "/teapot"}}],
+            "directResponse": {"status": 418},
+            "fault": {"delay": {"fixedDelay": "1ms", "percent": 50}},
+        },
+        to(
+            subset="v1",
+            fault={
+                "delay": {"fixedDelay": "5s", "percentage": {"value": 0.1}},
+                "abort": {"httpStatus": 503, "percentage": {"value": 10}},
+            },
+        ),
+    )
+    assert _routes(t) == [
+        fwd(
+            "default/reviews/0", wc(DEMO_CLUSTER, "v2"), match={"prefix": "/grpc"}, fault={"abort": {"grpc_status": 14}}
+        ),
+        {
+            "name": "default/reviews/1",
+            "match": {"prefix": "/teapot"},
+            "direct_response": {"status": 418},
+            "fault": {"delay": {"fixed_delay": "0.001s", "percentage": 50.0}},
+        },
+        fwd(
+            "default/reviews/2",
+            wc(DEMO_CLUSTER, "v1"),
+            fault={
+                "delay": {"fixed_delay": "5s", "percentage": 0.1},
+                "abort": {"http_status": 503, "percentage": 10.0},
+            },
+        ),
+    ]
+
+
+def test_fault_percentage_unset_is_left_unset_and_zero_is_kept():
+    # unset: every request (Istio's docs; the proto's default); {} or 0: none
+    t = _mesh(to(fault={"delay": {"fixedDelay": "1s"}, "abort": {"httpStatus": 500, "percentage": {}}}))
+    (route,) = t.config("default", {}).listeners[0].virtual_hosts[0].routes
+    assert not route.fault.delay.HasField("percentage")
+    assert route.fault.abort.HasField("percentage") and route.fault.abort.percentage == 0.0
+    assert_valid(t.config("default", {}))
 
 
 def test_direct_response():
@@ -560,6 +875,7 @@ def test_rewrite_uri_and_authority():
                 "prefix_rewrite": "/v1/",
                 "authority_rewrite": "reviews.internal:9080",
             },
+            "retry_policy": DEFAULT_RETRY,
         },
         {
             "name": "default/reviews/0/1",
@@ -569,8 +885,13 @@ def test_rewrite_uri_and_authority():
                 "prefix_rewrite": "/v1/",
                 "authority_rewrite": "reviews.internal:9080",
             },
+            "retry_policy": DEFAULT_RETRY,
         },
-        {"name": "default/reviews/1", "route": {"clusters": [wc(DEMO_CLUSTER, "v2")], "authority_rewrite": "other"}},
+        {
+            "name": "default/reviews/1",
+            "route": {"clusters": [wc(DEMO_CLUSTER, "v2")], "authority_rewrite": "other"},
+            "retry_policy": DEFAULT_RETRY,
+        },
     ]
 
 
@@ -604,16 +925,16 @@ def test_port_specific_matches():
     c9080, c9901 = f"outbound|9080||{FQDN}", f"outbound|9901||{FQDN}"
     assert grpc["name"] == f"{FQDN}:9080"
     assert grpc["routes"] == [
-        {"name": "default/reviews/1/0", "match": {"prefix": "/api"}, "route": {"clusters": [wc(c9080)]}},
-        {"name": "default/reviews/1/1", "match": {"prefix": "/any"}, "route": {"clusters": [wc(c9080)]}},
-        {"name": "default/reviews/2", "route": {"clusters": [wc(c9080)]}},
+        fwd("default/reviews/1/0", wc(c9080), match={"prefix": "/api"}),
+        fwd("default/reviews/1/1", wc(c9080), match={"prefix": "/any"}),
+        fwd("default/reviews/2", wc(c9080)),
     ]
     assert admin["name"] == f"{FQDN}:9901"
     assert admin["routes"] == [
         # a match on the port alone: an empty (match-all) RouteMatch
-        {"name": "default/reviews/0", "match": {}, "route": {"clusters": [wc(c9901)]}},
-        {"name": "default/reviews/1/1", "match": {"prefix": "/any"}, "route": {"clusters": [wc(c9901)]}},
-        {"name": "default/reviews/2", "route": {"clusters": [wc(c9901)]}},
+        fwd("default/reviews/0", wc(c9901), match={}),
+        fwd("default/reviews/1/1", wc(c9901), match={"prefix": "/any"}),
+        fwd("default/reviews/2", wc(c9901)),
     ]
     assert [c["name"] for c in d["clusters"]] == [c9080, c9901]
 
@@ -624,10 +945,10 @@ def test_source_labels_and_source_namespace_and_scopes():
         {"match": [{"sourceNamespace": "shop"}], **to(subset="v2")},
         to(subset="v1"),
     )
-    v1 = {"name": "default/reviews/2", "route": {"clusters": [wc(DEMO_CLUSTER, "v1")]}}
+    v1 = fwd("default/reviews/2", wc(DEMO_CLUSTER, "v1"))
     # a match on the source alone: an empty (match-all) RouteMatch for the sidecars it selects
-    from_pp_v2 = {"name": "default/reviews/0", "match": {}, "route": {"clusters": [wc(DEMO_CLUSTER, "v2")]}}
-    from_shop = {"name": "default/reviews/1", "match": {}, "route": {"clusters": [wc(DEMO_CLUSTER, "v2")]}}
+    from_pp_v2 = fwd("default/reviews/0", wc(DEMO_CLUSTER, "v2"), match={})
+    from_shop = fwd("default/reviews/1", wc(DEMO_CLUSTER, "v2"), match={})
     pp_v2 = {"app": "productpage", "version": "v2", "pod-template-hash": "abc"}
     assert _routes(t, "default", pp_v2) == [from_pp_v2, v1]
     assert _routes(t, "default", {"app": "productpage", "version": "v1"}) == [v1]
@@ -777,7 +1098,7 @@ def test_destination_port_checks():
                 "body": "ratings.default.svc.cluster.local has several ports and the route names none",
             },
         },
-        {"name": "default/reviews/2", "route": {"clusters": [wc(f"outbound|9080||{FQDN}")]}},
+        fwd("default/reviews/2", wc(f"outbound|9080||{FQDN}")),
     ]
 
 
@@ -822,12 +1143,10 @@ def test_two_virtual_services_for_one_host_the_sidecars_namespace_wins():
             "host reviews.local is also routed by VirtualService default/reviews; a sidecar uses the one closest to it",
         )
     ]
-    assert _routes(t, "shop") == [{"name": "shop/reviews-shop/0", "route": {"clusters": [wc(DEMO_CLUSTER, "v2", 100)]}}]
-    assert _routes(t, "default") == [
-        {"name": "default/reviews/0", "route": {"clusters": [wc(DEMO_CLUSTER, "v1", 100)]}}
-    ]
+    assert _routes(t, "shop") == [fwd("shop/reviews-shop/0", wc(DEMO_CLUSTER, "v2", 100))]
+    assert _routes(t, "default") == [fwd("default/reviews/0", wc(DEMO_CLUSTER, "v1", 100))]
     # elsewhere: the one in the service's namespace
-    assert _routes(t, "prod") == [{"name": "default/reviews/0", "route": {"clusters": [wc(DEMO_CLUSTER, "v1", 100)]}}]
+    assert _routes(t, "prod") == [fwd("default/reviews/0", wc(DEMO_CLUSTER, "v1", 100))]
 
 
 def test_route_to_another_service():
@@ -840,12 +1159,8 @@ def test_route_to_another_service():
     assert problems(t) == []
     d = config(t)
     assert d["listeners"][0]["virtual_hosts"][1]["routes"] == [
-        {
-            "name": "default/reviews/0",
-            "match": {"prefix": "/ratings"},
-            "route": {"clusters": [wc("outbound|9080||ratings.local")]},
-        },
-        {"name": "default/reviews/1", "route": {"clusters": [wc(DEMO_CLUSTER, "v1")]}},
+        fwd("default/reviews/0", wc("outbound|9080||ratings.local"), match={"prefix": "/ratings"}),
+        fwd("default/reviews/1", wc(DEMO_CLUSTER, "v1")),
     ]
     assert [c["name"] for c in d["clusters"]] == ["outbound|9080||ratings.local", DEMO_CLUSTER]
 
@@ -959,7 +1274,7 @@ def test_default_export_to_applies_to_virtual_services_and_destination_rules_too
     ]
     everywhere = translator(*objs)
     local = translator(*objs, default_export_to=(".",))
-    shop_route = [{"name": "shop/shop-route/0", "route": {"clusters": [wc(DEMO_CLUSTER, "v2", 100)]}}]
+    shop_route = [fwd("shop/shop-route/0", wc(DEMO_CLUSTER, "v2", 100))]
     assert _routes(everywhere, "shop") == _routes(local, "shop") == shop_route
     assert _routes(everywhere, "default") == shop_route
     assert config(everywhere, "default")["clusters"] == [demo_cluster(lb_policy="RANDOM")]
