@@ -362,7 +362,7 @@ class DownstreamProtocol(H2Protocol):
         policy = route.retry
         if policy is not None:
             s.retry = policy.retry_on
-            (policy.budget or state.budget).deposit(now_ns())
+            (policy.budget or state.budget).deposit(req.start_ns)
         self._dispatch(req)
 
     def _dispatch(self, req: Request) -> None:

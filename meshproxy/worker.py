@@ -84,7 +84,16 @@ class Runtime:
     hand out a fresh budget.
     """
 
-    __slots__ = ("clusters", "config", "listener_settings", "listener_timeouts", "route_budgets", "tables", "version")
+    __slots__ = (
+        "clusters",
+        "config",
+        "listener_settings",
+        "listener_timeouts",
+        "route_budgets",
+        "sweep_interval",
+        "tables",
+        "version",
+    )
 
     def __init__(
         self, config: Any, previous: Runtime | None = None, retry_hook: Callable[[Any, Any, int], bool] | None = None
@@ -117,6 +126,10 @@ class Runtime:
                     self.route_budgets[key] = policy.budget
         self.clusters = {c.name: Cluster(c, reuse.get(c.name), states.get(c.name), now) for c in config.clusters}
         self.listener_settings = {ls.name: _listener_settings(ls) for ls in config.listeners}
+        # Seconds between the worker's sweeps: 1, or the shortest outlier-detection interval (at least 0.05).
+        self.sweep_interval = min(
+            [1.0] + [max(0.05, c.state.detector_args["interval_ns"] / 1e9) for c in self.clusters.values() if c.outlier]
+        )
         # (connection idle timeout in s, stream idle timeout in ns); 0: none.
         self.listener_timeouts = {
             ls.name: (_seconds(ls, "idle_timeout", 3600.0), int(_seconds(ls, "stream_idle_timeout", 300.0) * 1e9))
@@ -287,16 +300,26 @@ class Worker:
                 req.try_timer.cancel()
                 req.try_timer = None
             up = req.up
+            ep = req.endpoint
+            if ep is not None and ep.waiters:
+                # A stream of ours ended (the proxy may have reset it, which the upstream
+                # does not answer): one of the requests waiting for a stream may take its place.
+                for p in ep.conns:
+                    if p.conn.can_open:
+                        ep.serve_waiters(p)
+                        break
             if req.index >= 0:
                 if up is not None and up.t_response_ns:
                     subset.finish(req.index, up.t_response_ns - up.t_open_ns, up.t_response_ns)
                 else:
                     t = now_ns()
                     subset.finish(req.index, t - req.start_ns, t)
-            ep = req.endpoint
             if ep is not None and up is not None and ep.cluster.outlier is not None:
                 if up.recv_headers:
-                    ep.cluster.record(ep, outcome(up.status, up.grpc_status), now_ns())
+                    status, grpc = up.status, up.grpc_status
+                    # The common case without a call: a success needs no classifying (nor a clock).
+                    result = SUCCESS if status < 500 and grpc <= 0 else outcome(status, grpc)
+                    ep.cluster.record(ep, result, up.t_response_ns)
                 elif up.closed_remote_reset or up.conn.terminated:
                     ep.cluster.record(ep, outlier.LOCAL_ORIGIN_FAILURE, now_ns())
                 # Otherwise the downstream gave up (or its deadline passed): not the endpoint's doing.
@@ -369,6 +392,9 @@ class Worker:
         self._sweeper = self.loop.call_later(1.0, self._sweep)
 
     def _sweep(self) -> None:
+        # Each second, or each outlier-detection interval when a cluster's is shorter (ejections
+        # end within an interval of their time, as in Envoy): idle connections and streams,
+        # the ends of ejections.
         now = time.monotonic()
         for p in list(self.upstreams):
             p.check_idle(now)
@@ -382,7 +408,7 @@ class Worker:
                 idle, stream_idle = timeouts.get(p.listener, (0.0, 0))
                 p.check_idle(now, idle, t, stream_idle)
         self.outbox.flush()
-        self._sweeper = self.loop.call_later(1.0, self._sweep)
+        self._sweeper = self.loop.call_later(runtime.sweep_interval if runtime is not None else 1.0, self._sweep)
 
     def bound_addresses(self) -> list[tuple[str, int]]:
         out = []
@@ -440,3 +466,4 @@ def _accepted_on(local: tuple, bound: tuple[str, int]) -> bool:
 
 
 now_ns = h2.monotonic_ns
+SUCCESS = outlier.SUCCESS
