@@ -39,6 +39,7 @@ from control.store import Store
 from control.translate import Translator
 from meshproxy.config import parse_address
 from meshproxy.config.v1 import control_pb2 as cpb
+from meshproxy.wire import varint
 
 __all__ = ["ControlServer", "Subscriber", "serve"]
 
@@ -46,18 +47,6 @@ log = logging.getLogger("meshproxy.control")
 
 SERVICE = "meshproxy.v1.MeshControl"
 _CONFIG_TAG = b"\x1a"  # StreamResponse.config: field 3, length-delimited
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
 
 
 @dataclass(eq=False)
@@ -244,7 +233,7 @@ class ControlServer:
                     head = cpb.StreamResponse(version_info=version, nonce=nonce).SerializeToString()
                     sub.sent_version, sub.sent_nonce, sub.sent_at = version, nonce, time.time()
                     self.pushes += 1
-                    await context.write(head + _CONFIG_TAG + _varint(len(body)) + body)
+                    await context.write(head + _CONFIG_TAG + varint(len(body)) + body)
                     continue
                 sub.waiter = loop.create_future()
                 await sub.waiter

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from meshproxy.conn import h2conn as h2
 from meshproxy.errors import H2Error
-from meshproxy.subscription import MessageReader, StreamEnded, grpc_frame
+from meshproxy.wire import MessageReader, grpc_frame, read_varint, varint
 
 if TYPE_CHECKING:
     from meshproxy.upstream import Endpoint
@@ -46,7 +46,7 @@ SERVING = 1
 def check_request(service: str) -> bytes:
     """A ``grpc.health.v1.HealthCheckRequest`` for ``service``, protobuf-encoded (field 1, a string)."""
     name = service.encode()
-    return (b"\x0a" + _varint(len(name)) + name) if name else b""
+    return (b"\x0a" + varint(len(name)) + name) if name else b""
 
 
 def serving_status(message: bytes) -> int:
@@ -54,14 +54,14 @@ def serving_status(message: bytes) -> int:
     ValueError for bytes that are not a protobuf message."""
     i, n, status = 0, len(message), 0
     while i < n:
-        key, i = _read_varint(message, i)
+        key, i = read_varint(message, i)
         field, wire = key >> 3, key & 7
         if wire == 0:
-            value, i = _read_varint(message, i)
+            value, i = read_varint(message, i)
             if field == 1:
                 status = value
         elif wire == 2:
-            length, i = _read_varint(message, i)
+            length, i = read_varint(message, i)
             i += length
         elif wire == 1:
             i += 8
@@ -72,31 +72,6 @@ def serving_status(message: bytes) -> int:
         if i > n:
             raise ValueError("truncated")
     return status
-
-
-def _varint(v: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = v & 0x7F
-        v >>= 7
-        if v:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-def _read_varint(buf: bytes, i: int) -> tuple[int, int]:
-    shift = value = 0
-    while True:
-        if i >= len(buf) or shift > 63:
-            raise ValueError("bad varint")
-        b = buf[i]
-        i += 1
-        value |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return value, i
-        shift += 7
 
 
 class _Settings:
@@ -169,7 +144,7 @@ class _Check:
         except TimeoutError:
             self._disconnect()
             return False, f"no answer within {self.settings.timeout:g}s"
-        except (OSError, StreamEnded, ValueError, H2Error) as e:
+        except (OSError, ValueError, H2Error) as e:  # FramingError is a ValueError
             self._disconnect()
             return False, str(e) or type(e).__name__
 

@@ -40,17 +40,16 @@ from meshproxy import __version__
 from meshproxy.config import ConfigError, parse_address, validate
 from meshproxy.config.v1.control_pb2 import ErrorDetail, StreamRequest, StreamResponse
 from meshproxy.conn import h2conn as h2
+from meshproxy.wire import FramingError, MessageReader, grpc_frame
 
 __all__ = [
     "BACKOFF_BASE",
     "BACKOFF_CAP",
     "OUTBOUND_LISTENER",
     "PING_AFTER",
-    "MessageReader",
     "StreamEnded",
     "Subscription",
     "backoff_delay",
-    "grpc_frame",
     "set_keepalive",
 ]
 
@@ -62,9 +61,6 @@ OUTBOUND_LISTENER = "outbound"
 BACKOFF_BASE = 0.1
 BACKOFF_CAP = 5.0
 CONNECT_TIMEOUT = 5.0
-#: A snapshot bigger than this is refused (the stream is dropped): a corrupt length prefix
-#: must not make us buffer gigabytes.
-MAX_MESSAGE = 64 << 20
 # Windows we advertise on the control connection: a snapshot of several MiB arrives in a
 # few round trips. The bytes are consumed as they arrive (the connection returns the
 # window for every EV_DATA it hands us), so this bounds nothing but the speed.
@@ -87,39 +83,6 @@ EV_TERMINATED = h2.EV_TERMINATED
 
 class StreamEnded(Exception):
     """Why one subscription stream ended (one line); the subscription reconnects."""
-
-
-def grpc_frame(message: bytes) -> bytes:
-    """One gRPC length-prefixed message: not compressed, 4-byte big-endian length, the bytes."""
-    return b"\0" + len(message).to_bytes(4, "big") + message
-
-
-class MessageReader:
-    """Reassembles gRPC length-prefixed messages from DATA payloads of any size: a message may
-    span many frames, and a frame may hold several messages."""
-
-    __slots__ = ("_buf",)
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-
-    def feed(self, data: bytes) -> list[bytes]:
-        """The messages completed by ``data``; StreamEnded for one we cannot read."""
-        buf = self._buf
-        buf += data
-        out = []
-        while len(buf) >= 5:
-            if buf[0] != 0:
-                # We send no grpc-accept-encoding, so a compressed message is the peer's error.
-                raise StreamEnded("the control plane sent a compressed message")
-            n = int.from_bytes(buf[1:5], "big")
-            if n > MAX_MESSAGE:
-                raise StreamEnded(f"a message of {n} bytes is over the limit of {MAX_MESSAGE}")
-            if len(buf) < 5 + n:
-                break
-            out.append(bytes(buf[5 : 5 + n]))
-            del buf[: 5 + n]
-        return out
 
 
 def backoff_delay(attempt: int, rng: random.Random | Any = random) -> float:
@@ -303,7 +266,11 @@ class Subscription:
     async def _event(self, ev: tuple, conn: Any, stream: Any, messages: MessageReader) -> None:
         kind = ev[0]
         if kind == EV_DATA:
-            for message in messages.feed(ev[2]):
+            try:
+                received = messages.feed(ev[2])
+            except FramingError as e:
+                raise StreamEnded(f"the control plane sent {e}") from None
+            for message in received:
                 try:
                     response = StreamResponse.FromString(message)
                 except DecodeError as e:

@@ -14,6 +14,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from meshproxy.health import check_request, serving_status
 from tests.integration.harness import HOST, Sidecar, free_port, poll_until
 
 SERVICE = "t.Echo"
@@ -136,3 +137,23 @@ def test_without_health_check_a_not_serving_endpoint_still_gets_requests(tmp_pat
         time.sleep(0.6)  # what three check intervals would have been
         assert share(backends, channel) == [20, 20]
         channel.close()
+
+
+@pytest.mark.parametrize("service", ["", "t.Echo", "x" * 300])
+def test_the_hand_encoded_request_is_grpcs(service):
+    assert check_request(service) == health_pb2.HealthCheckRequest(service=service).SerializeToString()
+
+
+@pytest.mark.parametrize("status", [0, 1, 2, 3])
+def test_the_status_is_read_from_grpcs_response(status):
+    message = health_pb2.HealthCheckResponse(status=status).SerializeToString()
+    assert serving_status(message) == status
+    # Unknown fields before it (a newer server) are skipped.
+    assert serving_status(b"\x12\x03abc\x1d\x00\x00\x00\x00" + message) == status
+
+
+def test_a_response_that_is_not_protobuf_is_refused():
+    with pytest.raises(ValueError):
+        serving_status(b"\x0f")
+    with pytest.raises(ValueError):
+        serving_status(b"\x12\x05ab")

@@ -26,14 +26,11 @@ from meshproxy.config.v1.control_pb2 import StreamRequest, StreamResponse
 from meshproxy.subscription import (
     BACKOFF_BASE,
     BACKOFF_CAP,
-    MAX_MESSAGE,
-    MessageReader,
-    StreamEnded,
     Subscription,
     backoff_delay,
-    grpc_frame,
     set_keepalive,
 )
+from meshproxy.wire import MAX_MESSAGE, FramingError, MessageReader, grpc_frame, read_varint, varint
 from meshproxy.worker import Worker
 from tests.integration import harness
 
@@ -57,11 +54,26 @@ def test_frame_layout():
     assert grpc_frame(b"abc") == b"\x00\x00\x00\x00\x03abc"
 
 
-def test_compressed_or_oversized_message_ends_the_stream():
-    with pytest.raises(StreamEnded, match="compressed"):
+def test_compressed_or_oversized_message_is_refused():
+    with pytest.raises(FramingError, match="compressed"):
         MessageReader().feed(b"\x01\x00\x00\x00\x01x")
-    with pytest.raises(StreamEnded, match="over the limit"):
+    with pytest.raises(FramingError, match="over the limit"):
         MessageReader().feed(b"\x00" + (MAX_MESSAGE + 1).to_bytes(4, "big"))
+
+
+@pytest.mark.parametrize("n", [0, 1, 127, 128, 300, 16384, 2**32, 2**64 - 1])
+def test_varints_round_trip(n: int):
+    from google.protobuf.internal.encoder import _VarintBytes
+
+    assert varint(n) == _VarintBytes(n)
+    assert read_varint(b"x" + varint(n) + b"y", 1) == (n, 1 + len(varint(n)))
+
+
+def test_a_cut_or_overlong_varint_is_refused():
+    with pytest.raises(ValueError):
+        read_varint(b"\x80\x80", 0)
+    with pytest.raises(ValueError):
+        read_varint(b"\xff" * 10 + b"\x01", 0)
 
 
 # -- backoff and keepalive -------------------------------------------------------------------
