@@ -285,3 +285,52 @@ endpoints:
                     assert_split(call(channel, 500), 500, 0.8)
     finally:
         control.stop()
+
+
+class FailingServer(VersionServer):
+    """A VersionServer that fails every call with UNAVAILABLE."""
+
+    def _get(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        self.calls += 1
+        context.abort(grpc.StatusCode.UNAVAILABLE, "down for the test")
+
+
+def test_istio_retries_and_outlier_detection_act_through_the_control_plane(tmp_path: Path) -> None:
+    """Resilience as an Istio user writes it: the VirtualService's ``retries`` and the
+    DestinationRule's ``outlierDetection`` (``trafficPolicy``), pushed by the control plane.
+    One of two endpoints fails every call: every client call still succeeds (retried on the
+    other endpoint), and the failing one is ejected after exactly consecutive5xxErrors calls
+    and gets nothing more while ejected (baseEjectionTime 30s outlasts the test)."""
+    good, bad = VersionServer("v1"), FailingServer("v2")
+    d = tmp_path / "mesh"
+    d.mkdir()
+    (d / "reviews.yaml").write_text(
+        service_entry(good.port, bad.port)
+        + """  trafficPolicy:
+    loadBalancer: {simple: ROUND_ROBIN}
+    outlierDetection: {consecutive5xxErrors: 3, interval: 1s, baseEjectionTime: 30s, maxEjectionPercent: 50}
+"""
+    )
+    (d / "route.yaml").write_text(
+        """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: default}
+spec:
+  hosts: [reviews.local]
+  http:
+  - route:
+    - destination: {host: reviews.local}
+    retries: {attempts: 2, retryOn: unavailable, perTryTimeout: 2s}
+"""
+    )
+    control = ControlPlane(d).start()
+    try:
+        with sidecar_for(control) as sidecar, channel_to(sidecar, "reviews.local:9080") as channel:
+            assert call(channel, 100) == {"v1": 100}
+            assert bad.calls == 3, "ejected after exactly three consecutive failures"
+            assert good.calls == 100
+    finally:
+        control.stop()
+        good.stop()
+        bad.stop()
