@@ -26,7 +26,6 @@ import dataclasses
 import json
 import os
 import random
-import select
 import signal
 import socket
 import struct
@@ -349,15 +348,11 @@ class BackendProcess:
 # -- an h2-library server for resets, refusals and GOAWAY ------------------------------------
 
 
-def grpc_frame(message: bytes) -> bytes:
-    return b"\0" + struct.pack(">I", len(message)) + message
-
-
-class H2FaultServer(harness.ThreadedServer):
-    """An h2c server (the ``h2`` library, a thread per connection) that answers each request with
-    a gRPC-shaped OK (``x-served-by: name``, one message ``name``, ``grpc-status: 0``) after
-    ``delay`` seconds, except as ``action(n)`` says for the n-th request it receives (1-based,
-    over all connections; ``action`` may be replaced at any time):
+class H2FaultServer(harness.H2ScriptedServer):
+    """An h2c server (``harness.H2ScriptedServer``: the ``h2`` library, a thread per connection)
+    that answers each request with a gRPC-shaped OK (``x-served-by: name``, one message ``name``,
+    ``grpc-status: 0``) after ``delay`` seconds, except as ``action(n)`` says for the n-th request
+    it receives (1-based, over all connections; ``action`` may be replaced at any time):
 
     * ``"ok"``: answer;
     * ``"reset"``: RST_STREAM INTERNAL_ERROR once the request has arrived (no response at all);
@@ -375,25 +370,17 @@ class H2FaultServer(harness.ThreadedServer):
     """
 
     name = "h2-fault"
+    poll_interval = 0.02
 
     def __init__(self, name: str = "h2", *, delay: float = 0.0, action=None, goaway_after: int = 0) -> None:
-        import h2.connection  # noqa: F401  (fail early when the h2 library is missing)
-
-        self.identity = name
-        self.delay = delay
         self.action = action or (lambda n: "ok")
         self.goaway_after = goaway_after
-        self.lock = threading.Lock()
-        self.connections = 0
         self.requests = 0
-        self.served = 0
         self.resets = 0
         self.refused = 0
         self.closes = 0
-        self.goaways = 0
-        self.ignored = 0
         self.cancelled = 0
-        super().__init__(harness.HOST)
+        super().__init__(name, delay=delay, host=harness.HOST)
 
     def reset(self, action=None) -> None:
         """Zero the counters (request numbers start again at 1) and set ``action``."""
@@ -407,125 +394,57 @@ class H2FaultServer(harness.ThreadedServer):
             names = "connections requests served resets refused closes goaways ignored cancelled".split()
             return {k: getattr(self, k) for k in names}
 
-    def _handle(self, sock: socket.socket) -> None:
-        import h2.exceptions
+    def _goaway_on_request(self, session: harness.H2Session) -> bool:
+        return bool(self.goaway_after) and session.received >= self.goaway_after
+
+    def _request(self, session: harness.H2Session, sid: int, headers: dict[str, str]) -> bool:
+        import h2.errors
 
         with self.lock:
-            self.connections += 1
-        with sock, contextlib.suppress(OSError, h2.exceptions.ProtocolError):
-            self._serve(sock)
+            self.requests += 1
+            n = self.requests
+            action = self.action
+        what = action(n)
+        if what == "refuse":
+            session.conn.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
+            with self.lock:
+                self.refused += 1
+            return True
+        if what == "close":
+            with self.lock:
+                self.closes += 1
+            with contextlib.suppress(OSError):
+                session.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            return False
+        session.open_streams.add(sid)
+        session.plans[sid] = what
+        return True
 
-    def _serve(self, sock: socket.socket) -> None:
-        import h2.config
-        import h2.connection
+    def _request_ended(self, session: harness.H2Session, sid: int) -> None:
         import h2.errors
-        import h2.events
 
-        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
-        conn.initiate_connection()
-        sock.sendall(conn.data_to_send())
-        received = 0  # requests accepted on this connection
-        highest = 0
-        final_last: int | None = None  # the GOAWAY's last stream id, once sent
-        open_streams: set[int] = set()
-        pending_action: dict[int, str] = {}
-        due: dict[int, float] = {}
-        answer: dict[int, str] = {}
-        extra = bytearray()
-        while not self._closed.is_set():
-            now = time.monotonic()
-            for sid in [s for s, t in due.items() if t <= now]:
-                del due[sid]
-                open_streams.discard(sid)
-                what = answer.pop(sid, "ok")
-                if what.startswith("status:"):
-                    fields = [(":status", what[7:]), ("content-type", "text/plain"), ("x-served-by", self.identity)]
-                    conn.send_headers(sid, fields)
-                    conn.send_data(sid, f"{self.identity}: status {what[7:]}\n".encode(), end_stream=True)
-                else:
-                    conn.send_headers(
-                        sid, [(":status", "200"), ("content-type", "application/grpc"), ("x-served-by", self.identity)]
-                    )
-                    conn.send_data(sid, grpc_frame(self.identity.encode()))
-                    conn.send_headers(sid, [("grpc-status", "0")], end_stream=True)
-                with self.lock:
-                    self.served += 1
-            sock.sendall(conn.data_to_send() + bytes(extra))
-            extra.clear()
-            if final_last is not None and not open_streams:
-                sock.shutdown(socket.SHUT_WR)
-                end = time.monotonic() + 2
-                sock.settimeout(0.1)
-                while time.monotonic() < end:
-                    try:
-                        if not sock.recv(65536):
-                            break
-                    except TimeoutError:
-                        continue
-                return
-            wait = min(due.values(), default=now + 0.02) - now
-            readable, _, _ = select.select([sock], [], [], max(0.0, min(wait, 0.02)))
-            if not readable:
-                continue
-            data = sock.recv(65536)
-            if not data:
-                return
-            for event in conn.receive_data(data):
-                if isinstance(event, h2.events.RequestReceived):
-                    sid = event.stream_id
-                    if final_last is None and self.goaway_after and received >= self.goaway_after:
-                        final_last = highest
-                        # The h2 library sends no GOAWAY it can keep working after: a raw frame.
-                        extra += struct.pack(">I", 8)[1:] + bytes([0x7, 0]) + struct.pack(">III", 0, final_last, 0)
-                        with self.lock:
-                            self.goaways += 1
-                    if final_last is not None and sid > final_last:
-                        with self.lock:
-                            self.ignored += 1
-                        continue
-                    received += 1
-                    highest = max(highest, sid)
-                    with self.lock:
-                        self.requests += 1
-                        n = self.requests
-                        action = self.action
-                    what = action(n)
-                    if what == "refuse":
-                        conn.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
-                        with self.lock:
-                            self.refused += 1
-                        continue
-                    if what == "close":
-                        with self.lock:
-                            self.closes += 1
-                        with contextlib.suppress(OSError):
-                            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                        return
-                    open_streams.add(sid)
-                    pending_action[sid] = what
-                elif isinstance(event, h2.events.DataReceived):
-                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-                elif isinstance(event, h2.events.StreamEnded):
-                    sid = event.stream_id
-                    if sid not in open_streams:
-                        continue
-                    what = pending_action.pop(sid, "ok")
-                    if what == "reset":
-                        open_streams.discard(sid)
-                        conn.reset_stream(sid, h2.errors.ErrorCodes.INTERNAL_ERROR)
-                        with self.lock:
-                            self.resets += 1
-                    else:
-                        answer[sid] = what
-                        due[sid] = time.monotonic() + self.delay
-                elif isinstance(event, h2.events.StreamReset):
-                    if event.stream_id in open_streams:
-                        with self.lock:
-                            self.cancelled += 1
-                    open_streams.discard(event.stream_id)
-                    due.pop(event.stream_id, None)
-                elif isinstance(event, h2.events.ConnectionTerminated):
-                    return
+        if session.plans.get(sid, "ok") == "reset":
+            del session.plans[sid]
+            session.open_streams.discard(sid)
+            session.conn.reset_stream(sid, h2.errors.ErrorCodes.INTERNAL_ERROR)
+            with self.lock:
+                self.resets += 1
+        else:
+            super()._request_ended(session, sid)
+
+    def _respond(self, session: harness.H2Session, sid: int) -> None:
+        what = session.plans.pop(sid, "ok")
+        if not what.startswith("status:"):
+            super()._respond(session, sid)
+            return
+        fields = [(":status", what[7:]), ("content-type", "text/plain"), ("x-served-by", self.identity)]
+        session.conn.send_headers(sid, fields)
+        session.conn.send_data(sid, f"{self.identity}: status {what[7:]}\n".encode(), end_stream=True)
+
+    def _stream_reset(self, session: harness.H2Session, sid: int, was_open: bool) -> None:
+        if was_open:
+            with self.lock:
+                self.cancelled += 1
 
 
 # -- the subprocess ---------------------------------------------------------------------------

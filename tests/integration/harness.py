@@ -1,11 +1,14 @@
 """Real processes on loopback for the integration tests: free ports, readiness, the sidecar
-under test (or nghttpx standing in for it), its sockets, a one-shot h2c GET, and the gRPC interop protos."""
+under test (or nghttpx standing in for it), its sockets, h2c peers (a one-shot GET, a client
+for many requests on one connection, a capturing server and a scriptable one), and the gRPC
+interop protos."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import queue
+import select
 import signal
 import socket
 import struct
@@ -15,6 +18,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -497,6 +501,379 @@ class H2CaptureServer(ThreadedServer):
                     elif isinstance(event, h2.events.ConnectionTerminated):
                         return
                 conn.sendall(h2conn.data_to_send())
+
+
+def grpc_frame(message: bytes) -> bytes:
+    """``message`` as one uncompressed gRPC length-prefixed message."""
+    return b"\0" + struct.pack(">I", len(message)) + message
+
+
+# -- a plain HTTP/2 client -----------------------------------------------------------
+
+
+@dataclass
+class H2Response:
+    """What ``H2Client`` received on one stream."""
+
+    status: int | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytearray = field(default_factory=bytearray)
+    trailers: dict[str, str] = field(default_factory=dict)
+    #: RST_STREAM error code, or -1 when the connection ended before the stream did.
+    reset: int | None = None
+    ended: bool = False
+    #: When the request was sent (``time.monotonic()``), and how long after that the stream
+    #: ended or the peer reset it (0.0 until then, and when the connection ended first).
+    start: float = 0.0
+    elapsed: float = 0.0
+
+    @property
+    def done(self) -> bool:
+        return self.ended or self.reset is not None
+
+    @property
+    def grpc_status(self) -> str | None:
+        return self.trailers.get("grpc-status", self.headers.get("grpc-status"))
+
+
+class H2Client:
+    """A blocking h2c client (the ``h2`` library) on one connection: ``send`` requests (several
+    at once if wanted, in one write with ``flush=False``), then ``wait`` for their responses
+    (``H2Response``: headers, body, trailers, RST_STREAM code, timing). ``raw_headers`` sends
+    header fields exactly as given (the h2 library would otherwise drop or refuse the malformed
+    ones); ``authority`` is the :authority of requests that name none (a subclass may change
+    the class default).
+
+    It reads frame by frame: the h2 library takes no frame at all after a GOAWAY (RFC 9113
+    allows more, a PING say), so to this client a GOAWAY ends the connection; ``goaway`` keeps
+    its last stream id, and every stream still open is then reported with ``reset == -1``, as
+    are all of them when the connection closes."""
+
+    authority = "test"
+
+    def __init__(
+        self, address: str, *, timeout: float = 10.0, raw_headers: bool = False, authority: str | None = None
+    ) -> None:
+        import h2.config
+        import h2.connection
+
+        host, _, port = address.rpartition(":")
+        if authority is not None:
+            self.authority = authority
+        self.sock = socket.create_connection((host, int(port)), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        config = h2.config.H2Configuration(
+            client_side=True,
+            header_encoding="utf-8",
+            validate_outbound_headers=not raw_headers,
+            normalize_outbound_headers=not raw_headers,
+        )
+        self.conn = h2.connection.H2Connection(config)
+        self.conn.initiate_connection()
+        self.responses: dict[int, H2Response] = {}
+        #: The last stream id of a GOAWAY received, if one was.
+        self.goaway: int | None = None
+        self.closed = False
+        self._inbuf = bytearray()
+        self._flush()
+
+    def _flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data:
+            self.sock.sendall(data)
+
+    def send(
+        self,
+        path: str,
+        *,
+        method: str = "GET",
+        authority: str | None = None,
+        headers: Iterable[tuple[str, str]] = (),
+        body: bytes = b"",
+        flush: bool = True,
+    ) -> int:
+        """Start a request and return its stream id; with ``flush`` False it is only queued, to
+        leave with the next one in a single write."""
+        sid = self.conn.get_next_available_stream_id()
+        fields = [
+            (":method", method),
+            (":scheme", "http"),
+            (":authority", self.authority if authority is None else authority),
+            (":path", path),
+            *headers,
+        ]
+        self.conn.send_headers(sid, fields, end_stream=not body)
+        if body:
+            self.conn.send_data(sid, body, end_stream=True)
+        self.responses[sid] = H2Response(start=time.monotonic())
+        if flush:
+            self._flush()
+        return sid
+
+    def wait(self, stream_ids: list[int], timeout: float = 10.0) -> list[H2Response]:
+        """The responses of ``stream_ids`` once each has ended or been reset; TimeoutError after
+        ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while not all(self.responses[sid].done for sid in stream_ids):
+            if self.closed:
+                for sid in stream_ids:
+                    if not self.responses[sid].done:
+                        self.responses[sid].reset = -1
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no complete response within {timeout}s: {[self.responses[s] for s in stream_ids]}")
+            self.sock.settimeout(remaining)
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            except ConnectionError:
+                data = b""
+            if not data:
+                self.closed = True
+                continue
+            self._receive(data)
+        return [self.responses[sid] for sid in stream_ids]
+
+    def _receive(self, data: bytes) -> None:
+        self._inbuf += data
+        while len(self._inbuf) >= 9 and not self.closed:
+            end = 9 + int.from_bytes(self._inbuf[:3], "big")
+            if len(self._inbuf) < end:
+                break
+            frame = bytes(self._inbuf[:end])
+            del self._inbuf[:end]
+            self._receive_frame(frame)
+            if self.goaway is not None:
+                self.closed = True
+        self._flush()
+
+    def _receive_frame(self, frame: bytes) -> None:
+        import h2.events
+
+        for event in self.conn.receive_data(frame):
+            response = self.responses.get(getattr(event, "stream_id", 0) or 0)
+            if isinstance(event, h2.events.ResponseReceived):
+                response.headers = dict(event.headers)
+                response.status = int(response.headers[":status"])
+            elif isinstance(event, h2.events.DataReceived):
+                response.body += event.data
+                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, h2.events.TrailersReceived):
+                response.trailers = dict(event.headers)
+            elif isinstance(event, h2.events.StreamEnded):
+                response.ended = True
+                response.elapsed = time.monotonic() - response.start
+            elif isinstance(event, h2.events.StreamReset):
+                if response is not None:
+                    response.reset = int(event.error_code)
+                    response.elapsed = time.monotonic() - response.start
+            elif isinstance(event, h2.events.ConnectionTerminated):
+                self.goaway = event.last_stream_id
+                for sid, r in self.responses.items():
+                    if sid > (event.last_stream_id or 0) and not r.done:
+                        r.reset = -1
+
+    def request(self, path: str, timeout: float = 10.0, **kwargs) -> H2Response:
+        """``send`` one request (``kwargs`` are its options) and ``wait`` for its response."""
+        return self.wait([self.send(path, **kwargs)], timeout)[0]
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+# -- an h2-library server a test scripts ------------------------------------------------
+
+
+class H2Session:
+    """One connection of an ``H2ScriptedServer``: its h2 state and what the server owes on it."""
+
+    def __init__(self, sock: socket.socket, conn) -> None:
+        self.sock = sock
+        self.conn = conn
+        #: Requests accepted and neither answered, nor reset (by either side), nor refused.
+        self.open_streams: set[int] = set()
+        #: Stream id -> when to answer it (streams whose request has fully arrived).
+        self.due: dict[int, float] = {}
+        #: Stream id -> what a subclass means to do with it (its own vocabulary).
+        self.plans: dict[int, str] = {}
+        #: Requests accepted (ignored ones excluded), the highest stream id among them, and
+        #: the requests answered.
+        self.received = 0
+        self.highest = 0
+        self.answered = 0
+        #: GOAWAYs sent, and the last stream id of the one that ends the connection once sent.
+        self.goaways = 0
+        self.final_last: int | None = None
+        #: Raw frames for the next write.
+        self.extra = bytearray()
+
+
+class H2ScriptedServer(ThreadedServer):
+    """An h2c server (the ``h2`` library, a thread per connection) that answers every request
+    ``delay`` seconds after it has fully arrived with a gRPC-shaped OK carrying ``identity``
+    (``x-served-by``, the one message, ``grpc-status: 0``). Subclasses script the rest through
+    the hooks (each gets the connection's ``H2Session``): ``_initiate`` (the SETTINGS),
+    ``_goaway_on_request`` (a GOAWAY as a request arrives, last stream id the highest accepted
+    before it), ``_request`` (a request's headers: accept, refuse, drop the connection),
+    ``_request_ended``, ``_respond``, ``_answered``, ``_stream_reset``, ``_ping_ack`` and
+    ``_after_read``.
+
+    GOAWAYs are written as raw frames (``_queue_goaway``): the h2 library sends none it can keep
+    working after. Once the final one is out, later streams are left unprocessed (counted in
+    ``ignored``), and when no accepted stream is left the connection is closed gracefully (our
+    FIN, then the peer's).
+
+    Counters (under ``lock``): ``connections``, ``served``, ``goaways``, ``ignored``."""
+
+    name = "h2-scripted"
+    #: The longest the loop sleeps waiting for the socket (answers are due on this grid).
+    poll_interval = 0.05
+
+    def __init__(self, identity: str, *, delay: float = 0.0, host: str = HOST) -> None:
+        import h2.connection  # noqa: F401  (fail early when the h2 library is missing)
+
+        self.identity = identity
+        self.delay = delay
+        self.lock = threading.Lock()
+        self.connections = 0
+        self.served = 0
+        self.goaways = 0
+        self.ignored = 0
+        super().__init__(host)
+
+    # -- the hooks --------------------------------------------------------------------
+
+    def _initiate(self, conn) -> None:
+        conn.initiate_connection()
+
+    def _goaway_on_request(self, session: H2Session) -> bool:
+        return False
+
+    def _request(self, session: H2Session, sid: int, headers: dict[str, str]) -> bool:
+        """An accepted request's headers have arrived; False ends the connection at once."""
+        session.open_streams.add(sid)
+        return True
+
+    def _request_ended(self, session: H2Session, sid: int) -> None:
+        """An open stream's request has fully arrived."""
+        session.due[sid] = time.monotonic() + self.delay
+
+    def _respond(self, session: H2Session, sid: int) -> None:
+        conn = session.conn
+        conn.send_headers(
+            sid, [(":status", "200"), ("content-type", "application/grpc"), ("x-served-by", self.identity)]
+        )
+        conn.send_data(sid, grpc_frame(self.identity.encode()))
+        conn.send_headers(sid, [("grpc-status", "0")], end_stream=True)
+
+    def _answered(self, session: H2Session) -> None:
+        """After each answer (``session.answered`` counts them)."""
+
+    def _stream_reset(self, session: H2Session, sid: int, was_open: bool) -> None:
+        """The client reset ``sid`` (already dropped from the open and due ones)."""
+
+    def _ping_ack(self, session: H2Session) -> None:
+        pass
+
+    def _after_read(self, session: H2Session) -> None:
+        """After the events of each read."""
+
+    # -- the machinery ----------------------------------------------------------------
+
+    def _queue_goaway(self, session: H2Session, last: int, *, final: bool = True) -> None:
+        """A GOAWAY (NO_ERROR) with last stream id ``last`` in the next write; ``final`` for the
+        one that ends the connection (not a graceful-shutdown first one with 2^31-1)."""
+        session.extra += struct.pack(">I", 8)[1:] + bytes([0x7, 0]) + struct.pack(">III", 0, last, 0)
+        session.goaways += 1
+        if final:
+            session.final_last = last
+        with self.lock:
+            self.goaways += 1
+
+    def _handle(self, sock: socket.socket) -> None:
+        import h2.exceptions
+
+        with self.lock:
+            self.connections += 1
+        with sock, contextlib.suppress(OSError, h2.exceptions.ProtocolError):
+            self._serve(sock)
+
+    def _serve(self, sock: socket.socket) -> None:
+        import h2.config
+        import h2.connection
+        import h2.events
+
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
+        self._initiate(conn)
+        sock.sendall(conn.data_to_send())
+        session = H2Session(sock, conn)
+        while not self._closed.is_set():
+            now = time.monotonic()
+            for sid in [s for s, t in session.due.items() if t <= now]:
+                del session.due[sid]
+                session.open_streams.discard(sid)
+                self._respond(session, sid)
+                session.answered += 1
+                with self.lock:
+                    self.served += 1
+                self._answered(session)
+            sock.sendall(conn.data_to_send() + bytes(session.extra))
+            session.extra.clear()
+            if session.final_last is not None and not session.open_streams:
+                sock.shutdown(socket.SHUT_WR)
+                end = time.monotonic() + 2
+                sock.settimeout(0.1)
+                while time.monotonic() < end:
+                    try:
+                        if not sock.recv(65536):
+                            break
+                    except TimeoutError:
+                        continue
+                return
+            wait = min(session.due.values(), default=now + self.poll_interval) - now
+            readable, _, _ = select.select([sock], [], [], max(0.0, min(wait, self.poll_interval)))
+            if not readable:
+                continue
+            data = sock.recv(65536)
+            if not data:
+                return
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.RequestReceived):
+                    sid = event.stream_id
+                    if session.final_last is None and self._goaway_on_request(session):
+                        self._queue_goaway(session, session.highest)
+                    if session.final_last is not None and sid > session.final_last:
+                        with self.lock:
+                            self.ignored += 1
+                        continue
+                    session.received += 1
+                    session.highest = max(session.highest, sid)
+                    if not self._request(session, sid, dict(event.headers)):
+                        return
+                elif isinstance(event, h2.events.DataReceived):
+                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, h2.events.StreamEnded):
+                    if event.stream_id in session.open_streams:
+                        self._request_ended(session, event.stream_id)
+                elif isinstance(event, h2.events.StreamReset):
+                    was_open = event.stream_id in session.open_streams
+                    session.open_streams.discard(event.stream_id)
+                    session.due.pop(event.stream_id, None)
+                    self._stream_reset(session, event.stream_id, was_open)
+                elif isinstance(event, h2.events.PingAckReceived):
+                    self._ping_ack(session)
+                elif isinstance(event, h2.events.ConnectionTerminated):
+                    return
+            self._after_read(session)
 
 
 def h2_get(address: str | tuple[str, int], path: str, timeout: float = 10.0) -> tuple[int, bytes]:

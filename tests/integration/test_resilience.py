@@ -23,7 +23,6 @@ import contextlib
 import itertools
 import json
 import math
-import socket
 import struct
 import threading
 import time
@@ -34,9 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-import h2.config
-import h2.connection
-import h2.events
 import pytest
 
 from tests.integration import harness
@@ -49,8 +45,8 @@ from tests.integration.failing_server import (
     FailingBackend,
     H2FaultServer,
     Stats,
-    grpc_frame,
 )
+from tests.integration.harness import H2Response, grpc_frame
 
 HOST = harness.HOST
 #: Every call's deadline unless the test is about deadlines.
@@ -258,110 +254,16 @@ def attempts_by_request(stats: dict[str, Stats]) -> dict[str, list[str]]:
 # -- a plain HTTP/2 client ----------------------------------------------------------------------
 
 
-@dataclass
-class Response:
-    status: int | None = None
-    headers: dict[str, str] = field(default_factory=dict)
-    body: bytearray = field(default_factory=bytearray)
-    trailers: dict[str, str] = field(default_factory=dict)
-    reset: int | None = None
-    ended: bool = False
-    start: float = 0.0
-    elapsed: float = 0.0
+class H2Client(harness.H2Client):
+    """``harness.H2Client`` (:authority ``resilience``) with a shorthand for gRPC-shaped calls."""
 
-    @property
-    def done(self) -> bool:
-        return self.ended or self.reset is not None
+    authority = "resilience"
 
-    @property
-    def grpc_status(self) -> str | None:
-        return self.trailers.get("grpc-status", self.headers.get("grpc-status"))
-
-
-class H2Client:
-    """A blocking h2c client on one connection: ``send`` several requests, then ``wait``."""
-
-    def __init__(self, address: str, timeout: float = TIMEOUT) -> None:
-        host, _, port = address.rpartition(":")
-        self.sock = socket.create_connection((host, int(port)), timeout=timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
-        self.conn.initiate_connection()
-        self.responses: dict[int, Response] = {}
-        self.closed = False
-        self.sock.sendall(self.conn.data_to_send())
-
-    def send(self, path: str, *, method: str = "GET", headers=(), body: bytes = b"", flush: bool = True) -> int:
-        sid = self.conn.get_next_available_stream_id()
-        fields = [(":method", method), (":scheme", "http"), (":authority", "resilience"), (":path", path), *headers]
-        self.conn.send_headers(sid, fields, end_stream=not body)
-        if body:
-            self.conn.send_data(sid, body, end_stream=True)
-        self.responses[sid] = Response(start=time.monotonic())
-        if flush:
-            self.sock.sendall(self.conn.data_to_send())
-        return sid
-
-    def wait(self, ids: list[int], timeout: float = TIMEOUT) -> list[Response]:
-        deadline = time.monotonic() + timeout
-        while not all(self.responses[sid].done for sid in ids):
-            if self.closed:
-                for sid in ids:
-                    if not self.responses[sid].done:
-                        self.responses[sid].reset = -1
-                break
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"no complete response within {timeout}s: {[self.responses[s] for s in ids]}")
-            self.sock.settimeout(left)
-            try:
-                data = self.sock.recv(65536)
-            except TimeoutError:
-                continue
-            except ConnectionError:
-                data = b""
-            if not data:
-                self.closed = True
-                continue
-            for event in self.conn.receive_data(data):
-                r = self.responses.get(getattr(event, "stream_id", 0) or 0)
-                if isinstance(event, h2.events.ResponseReceived):
-                    r.headers = dict(event.headers)
-                    r.status = int(r.headers[":status"])
-                elif isinstance(event, h2.events.DataReceived):
-                    r.body += event.data
-                    self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-                elif isinstance(event, h2.events.TrailersReceived):
-                    r.trailers = dict(event.headers)
-                elif isinstance(event, h2.events.StreamEnded):
-                    r.ended = True
-                    r.elapsed = time.monotonic() - r.start
-                elif isinstance(event, h2.events.StreamReset) and r is not None:
-                    r.reset = int(event.error_code)
-                    r.elapsed = time.monotonic() - r.start
-                elif isinstance(event, h2.events.ConnectionTerminated):
-                    self.closed = True
-            self.sock.sendall(self.conn.data_to_send())
-        return [self.responses[sid] for sid in ids]
-
-    def request(self, path: str, timeout: float = TIMEOUT, **kwargs) -> Response:
-        return self.wait([self.send(path, **kwargs)], timeout)[0]
-
-    def grpc(self, path: str = UNARY, *, extra=(), body: bytes = b"ping", timeout: float = TIMEOUT) -> Response:
+    def grpc(self, path: str = UNARY, *, extra=(), body: bytes = b"ping", timeout: float = TIMEOUT) -> H2Response:
         """A gRPC-shaped unary request with ``extra`` header fields (grpc-timeout, x-case...)."""
         return self.request(
             path, method="POST", headers=[*GRPC_HEADERS, *extra], body=grpc_frame(body), timeout=timeout
         )
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.close()
-
-    def __enter__(self) -> H2Client:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
 
 
 # -- fixtures -------------------------------------------------------------------------------------

@@ -4,9 +4,10 @@ clients), deadlines, routing, request ids, drain and workers, the command line, 
 upstream pools (idle timeout, GOAWAY, an upstream's MAX_CONCURRENT_STREAMS).
 
 Peers: grpcio servers in this process, ``nghttpd``/``h2load`` (Debian nghttp2),
-``harness.H2CaptureServer`` (records what reaches an upstream), and two helpers here, an
-``h2``-library client (``H2Client``, for plain HTTP/2 requests with any :authority) and an
-``h2``-library server the test scripts (``ScriptedH2Server``: delays, GOAWAY, a stream limit).
+``harness.H2CaptureServer`` (records what reaches an upstream), ``harness.H2Client`` (an
+``h2``-library client, for plain HTTP/2 requests with any :authority) and, here, an
+``h2``-library server the test scripts (``ScriptedH2Server``, on ``harness.H2ScriptedServer``:
+delays, GOAWAY, a stream limit).
 
 Every call carries a timeout and every load is bounded in count; the tests assert behaviour,
 never speed.
@@ -19,30 +20,24 @@ import json
 import math
 import os
 import re
-import select
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-import h2.config
 import h2.connection
 import h2.errors
-import h2.events
-import h2.exceptions
 import h2.settings
 import pytest
 
 from tests.integration import harness
 from tests.integration.conftest import SIDECAR_KEY
+from tests.integration.harness import H2Client, H2Response, grpc_frame
 
 #: Every call's deadline (and every socket's) unless a test is about deadlines.
 TIMEOUT = 10.0
@@ -124,157 +119,10 @@ def grpc_channel(address: str, *options) -> grpc.Channel:
     return grpc.insecure_channel(address, options=[*harness.CLIENT_OPTIONS, *options])
 
 
-def grpc_frame(message: bytes) -> bytes:
-    return b"\0" + struct.pack(">I", len(message)) + message
+# -- a plain HTTP/2 client (harness.H2Client) ---------------------------------------------
 
 
-# -- a plain HTTP/2 client ------------------------------------------------------------
-
-
-@dataclass
-class Response:
-    status: int | None = None
-    headers: dict[str, str] = field(default_factory=dict)
-    body: bytearray = field(default_factory=bytearray)
-    trailers: dict[str, str] = field(default_factory=dict)
-    #: RST_STREAM error code, or -1 when the connection ended before the stream did.
-    reset: int | None = None
-    ended: bool = False
-
-    @property
-    def done(self) -> bool:
-        return self.ended or self.reset is not None
-
-
-class H2Client:
-    """A blocking h2c client on one connection: send requests (several at once if wanted), then
-    wait for their responses. ``raw_headers`` sends header fields exactly as given (the h2
-    library would otherwise drop or refuse the malformed ones)."""
-
-    def __init__(self, address: str, *, timeout: float = TIMEOUT, raw_headers: bool = False) -> None:
-        host, _, port = address.rpartition(":")
-        self.sock = socket.create_connection((host, int(port)), timeout=timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        config = h2.config.H2Configuration(
-            client_side=True,
-            header_encoding="utf-8",
-            validate_outbound_headers=not raw_headers,
-            normalize_outbound_headers=not raw_headers,
-        )
-        self.conn = h2.connection.H2Connection(config)
-        self.conn.initiate_connection()
-        self.responses: dict[int, Response] = {}
-        #: The last stream id of a GOAWAY received, if one was.
-        self.goaway: int | None = None
-        self.closed = False
-        self._inbuf = bytearray()
-        self._flush()
-
-    def _flush(self) -> None:
-        data = self.conn.data_to_send()
-        if data:
-            self.sock.sendall(data)
-
-    def send(
-        self,
-        path: str,
-        *,
-        method: str = "GET",
-        authority: str = "test",
-        headers: tuple[tuple[str, str], ...] | list[tuple[str, str]] = (),
-        body: bytes = b"",
-        flush: bool = True,
-    ) -> int:
-        """Start a request; with ``flush`` False it is only queued, to leave with the next one
-        in a single write."""
-        sid = self.conn.get_next_available_stream_id()
-        fields = [(":method", method), (":scheme", "http"), (":authority", authority), (":path", path), *headers]
-        self.conn.send_headers(sid, fields, end_stream=not body)
-        if body:
-            self.conn.send_data(sid, body, end_stream=True)
-        self.responses[sid] = Response()
-        if flush:
-            self._flush()
-        return sid
-
-    def wait(self, stream_ids: list[int], timeout: float = TIMEOUT) -> list[Response]:
-        """The responses of ``stream_ids`` once each has ended or been reset; TimeoutError after
-        ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
-        while not all(self.responses[sid].done for sid in stream_ids):
-            if self.closed:
-                for sid in stream_ids:
-                    if not self.responses[sid].done:
-                        self.responses[sid].reset = -1
-                break
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"no complete response within {timeout}s: {[self.responses[s] for s in stream_ids]}")
-            self.sock.settimeout(remaining)
-            try:
-                data = self.sock.recv(65536)
-            except TimeoutError:
-                continue
-            except ConnectionError:
-                data = b""
-            if not data:
-                self.closed = True
-                continue
-            self._receive(data)
-        return [self.responses[sid] for sid in stream_ids]
-
-    def _receive(self, data: bytes) -> None:
-        # Frame by frame: the h2 library takes no frame at all after a GOAWAY (RFC 9113 allows
-        # more, a PING say), so to this client a GOAWAY ends the connection.
-        self._inbuf += data
-        while len(self._inbuf) >= 9 and not self.closed:
-            end = 9 + int.from_bytes(self._inbuf[:3], "big")
-            if len(self._inbuf) < end:
-                break
-            frame = bytes(self._inbuf[:end])
-            del self._inbuf[:end]
-            self._receive_frame(frame)
-            if self.goaway is not None:
-                self.closed = True
-        self._flush()
-
-    def _receive_frame(self, frame: bytes) -> None:
-        for event in self.conn.receive_data(frame):
-            response = self.responses.get(getattr(event, "stream_id", 0) or 0)
-            if isinstance(event, h2.events.ResponseReceived):
-                response.headers = dict(event.headers)
-                response.status = int(response.headers[":status"])
-            elif isinstance(event, h2.events.DataReceived):
-                response.body += event.data
-                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-            elif isinstance(event, h2.events.TrailersReceived):
-                response.trailers = dict(event.headers)
-            elif isinstance(event, h2.events.StreamEnded):
-                response.ended = True
-            elif isinstance(event, h2.events.StreamReset):
-                if response is not None:
-                    response.reset = int(event.error_code)
-            elif isinstance(event, h2.events.ConnectionTerminated):
-                self.goaway = event.last_stream_id
-                for sid, r in self.responses.items():
-                    if sid > (event.last_stream_id or 0) and not r.done:
-                        r.reset = -1
-
-    def request(self, path: str, timeout: float = TIMEOUT, **kwargs) -> Response:
-        return self.wait([self.send(path, **kwargs)], timeout)[0]
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.close()
-
-    def __enter__(self) -> H2Client:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
-
-def h2_request(address: str, path: str, timeout: float = TIMEOUT, **kwargs) -> Response:
+def h2_request(address: str, path: str, timeout: float = TIMEOUT, **kwargs) -> H2Response:
     """One request on a connection of its own."""
     with H2Client(address, timeout=timeout) as client:
         return client.request(path, timeout=timeout, **kwargs)
@@ -283,10 +131,10 @@ def h2_request(address: str, path: str, timeout: float = TIMEOUT, **kwargs) -> R
 # -- an upstream the test scripts -------------------------------------------------------
 
 
-class ScriptedH2Server(harness.ThreadedServer):
-    """An h2c server (the h2 library, a thread per connection) that answers every request with a
-    gRPC-shaped response carrying ``identity`` (``x-served-by``, and as the one message), and
-    can be told to:
+class ScriptedH2Server(harness.H2ScriptedServer):
+    """An h2c server (``harness.H2ScriptedServer``: the h2 library, a thread per connection) that
+    answers every request with a gRPC-shaped response carrying ``identity`` (``x-served-by``, and
+    as the one message), and can be told to:
 
     * ``delay``: answer each request that many seconds after it has fully arrived;
     * ``max_concurrent_streams``: advertise that SETTINGS_MAX_CONCURRENT_STREAMS and refuse
@@ -316,143 +164,66 @@ class ScriptedH2Server(harness.ThreadedServer):
     ) -> None:
         if goaway not in ("with-response", "graceful", "next-stream"):
             raise ValueError(f"goaway={goaway!r}")
-        self.identity = identity
-        self.delay = delay
         self.limit = max_concurrent_streams
         self.goaway_after = goaway_after
         self.goaway_mode = goaway
-        self.lock = threading.Lock()
-        self.connections = 0
-        self.served = 0
         self.max_open = 0
         self.refused = 0
-        self.goaways = 0
-        self.ignored = 0
         self.resets = 0
         self.paths: list[str] = []
-        super().__init__(HOST)
+        super().__init__(identity, delay=delay, host=HOST)
 
-    def _handle(self, sock: socket.socket) -> None:
-        with self.lock:
-            self.connections += 1
-        with sock, contextlib.suppress(OSError, h2.exceptions.ProtocolError):
-            self._serve(sock)
-
-    def _serve(self, sock: socket.socket) -> None:
-        config = h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
-        conn = h2.connection.H2Connection(config)
+    def _initiate(self, conn: h2.connection.H2Connection) -> None:
+        if self.limit is None:
+            conn.initiate_connection()
+            return
         codes = h2.settings.SettingCodes
-        if self.limit is not None:
-            conn.local_settings = h2.settings.Settings(
-                client=False, initial_values={codes.MAX_CONCURRENT_STREAMS: self.limit}
-            )
+        conn.local_settings = h2.settings.Settings(
+            client=False, initial_values={codes.MAX_CONCURRENT_STREAMS: self.limit}
+        )
         conn.initiate_connection()
-        sock.sendall(conn.data_to_send())
-        if self.limit is not None:
-            # The limit is advertised; this class enforces it (with REFUSED_STREAM), so that
-            # the h2 library does not end the whole connection over it.
-            conn.local_settings = h2.settings.Settings(
-                client=False, initial_values={codes.MAX_CONCURRENT_STREAMS: 2**31 - 1}
-            )
-        open_streams: set[int] = set()
-        due: dict[int, float] = {}
-        answered = 0
-        last_received = 0
-        goaway: str | None = None  # None, "first" (graceful, waiting for the PING), "final"
-        final_last = 0
-        extra = bytearray()  # raw frames for the next write (the h2 library sends no GOAWAY it can live with)
+        # The limit is advertised (the SETTINGS frame is already written); this class enforces
+        # it (with REFUSED_STREAM), so that the h2 library does not end the whole connection over it.
+        conn.local_settings = h2.settings.Settings(
+            client=False, initial_values={codes.MAX_CONCURRENT_STREAMS: 2**31 - 1}
+        )
 
-        def queue_goaway(last: int) -> None:
-            extra.extend(struct.pack(">I", 8)[1:] + bytes([0x7, 0]) + struct.pack(">III", 0, last, 0))
+    def _answered(self, session: harness.H2Session) -> None:
+        if self.goaway_after and session.answered == self.goaway_after and not session.goaways:
+            if self.goaway_mode == "graceful":
+                self._queue_goaway(session, 2**31 - 1, final=False)
+                session.conn.ping(b"drain-me")
+            elif self.goaway_mode == "with-response":
+                self._queue_goaway(session, session.highest)
+
+    def _goaway_on_request(self, session: harness.H2Session) -> bool:
+        return self.goaway_mode == "next-stream" and session.answered >= self.goaway_after > 0 and not session.goaways
+
+    def _ping_ack(self, session: harness.H2Session) -> None:
+        if session.goaways and session.final_last is None:
+            self._queue_goaway(session, session.highest)
+
+    def _request(self, session: harness.H2Session, sid: int, headers: dict[str, str]) -> bool:
+        session.open_streams.add(sid)
+        with self.lock:
+            self.paths.append(headers.get(":path", ""))
+            self.max_open = max(self.max_open, len(session.open_streams))
+        return True
+
+    def _stream_reset(self, session: harness.H2Session, sid: int, was_open: bool) -> None:
+        with self.lock:
+            self.resets += 1
+
+    def _after_read(self, session: harness.H2Session) -> None:
+        # Streams over the limit are refused once the whole read is counted, so that
+        # max_open says how many the client had open at once.
+        while self.limit is not None and len(session.open_streams) > self.limit:
+            sid = max(session.open_streams)
+            session.open_streams.discard(sid)
+            session.due.pop(sid, None)
+            session.conn.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
             with self.lock:
-                self.goaways += 1
-
-        while not self._closed.is_set():
-            now = time.monotonic()
-            for sid in [s for s, t in due.items() if t <= now]:
-                del due[sid]
-                open_streams.discard(sid)
-                conn.send_headers(
-                    sid,
-                    [(":status", "200"), ("content-type", "application/grpc"), ("x-served-by", self.identity)],
-                )
-                conn.send_data(sid, grpc_frame(self.identity.encode()))
-                conn.send_headers(sid, [("grpc-status", "0")], end_stream=True)
-                answered += 1
-                with self.lock:
-                    self.served += 1
-                if self.goaway_after and answered == self.goaway_after and goaway is None:
-                    if self.goaway_mode == "graceful":
-                        queue_goaway(2**31 - 1)
-                        conn.ping(b"drain-me")
-                        goaway = "first"
-                    elif self.goaway_mode == "with-response":
-                        final_last = last_received
-                        queue_goaway(final_last)
-                        goaway = "final"
-            sock.sendall(conn.data_to_send() + extra)
-            extra.clear()
-            if goaway == "final" and not open_streams and not due:
-                # Idle after GOAWAY: close gracefully (our FIN, then the peer's).
-                sock.shutdown(socket.SHUT_WR)
-                end = time.monotonic() + 2
-                sock.settimeout(0.1)
-                while time.monotonic() < end:
-                    try:
-                        if not sock.recv(65536):
-                            break
-                    except TimeoutError:
-                        continue
-                return
-            wait = min([t for t in due.values()], default=now + 0.05) - now
-            readable, _, _ = select.select([sock], [], [], max(0.0, min(wait, 0.05)))
-            if not readable:
-                continue
-            data = sock.recv(65536)
-            if not data:
-                return
-            for event in conn.receive_data(data):
-                if isinstance(event, h2.events.RequestReceived):
-                    sid = event.stream_id
-                    if self.goaway_mode == "next-stream" and answered >= self.goaway_after > 0 and goaway is None:
-                        final_last = last_received
-                        queue_goaway(final_last)
-                        goaway = "final"
-                    last_received = max(last_received, sid)
-                    if goaway == "final" and sid > final_last:
-                        with self.lock:
-                            self.ignored += 1
-                        continue
-                    open_streams.add(sid)
-                    with self.lock:
-                        self.paths.append(dict(event.headers).get(":path", ""))
-                        self.max_open = max(self.max_open, len(open_streams))
-                elif isinstance(event, h2.events.DataReceived):
-                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-                elif isinstance(event, h2.events.StreamEnded):
-                    if event.stream_id in open_streams:
-                        due[event.stream_id] = time.monotonic() + self.delay
-                elif isinstance(event, h2.events.StreamReset):
-                    open_streams.discard(event.stream_id)
-                    due.pop(event.stream_id, None)
-                    with self.lock:
-                        self.resets += 1
-                elif isinstance(event, h2.events.PingAckReceived):
-                    if goaway == "first":
-                        final_last = last_received
-                        queue_goaway(final_last)
-                        goaway = "final"
-                elif isinstance(event, h2.events.ConnectionTerminated):
-                    return
-            # Streams over the limit are refused once the whole read is counted, so that
-            # max_open says how many the client had open at once.
-            while self.limit is not None and len(open_streams) > self.limit:
-                sid = max(open_streams)
-                open_streams.discard(sid)
-                due.pop(sid, None)
-                conn.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
-                with self.lock:
-                    self.refused += 1
+                self.refused += 1
 
 
 # -- grpcio servers ---------------------------------------------------------------------
@@ -746,7 +517,7 @@ def seen(capture: harness.H2CaptureServer):
 # deadline a little.
 
 
-def grpc_call(address: str, path: str, grpc_timeout: str | None) -> Response:
+def grpc_call(address: str, path: str, grpc_timeout: str | None) -> H2Response:
     """A gRPC-shaped unary request (one empty message) with ``grpc_timeout`` as sent."""
     headers = [*GRPC_HEADERS, *([("grpc-timeout", grpc_timeout)] if grpc_timeout else [])]
     return h2_request(address, path, method="POST", headers=headers, body=grpc_frame(b""))
