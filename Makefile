@@ -1,5 +1,5 @@
 # make test: set everything up, then lint and run the whole suite (the codec,
-# balancer and connection suites a second time on the pure-Python twins).
+# balancer, resilience and gRPC-proxy suites a second time on the pure-Python twins).
 # make bench: run perf/. make demo: the local mesh of examples/demo (control plane,
 # two versions of a gRPC service, a client and its sidecar), with a live traffic
 # split changed from 80/20 to 50/50 (DEMO_FOREVER=1: until Ctrl-C; DEMO_SECONDS=N:
@@ -11,8 +11,9 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.meshproxy-installed
 BUILD_INPUTS := pyproject.toml setup.py $(wildcard meshproxy/_fast/*.pyx meshproxy/_fast/*.pxd)
 
-# Real peers: h2load/nghttpd/nghttpx, wrk, and the gRPC interop protos.
-DEBIAN_PACKAGES := nghttp2-client nghttp2-server nghttp2-proxy wrk grpc-proto
+# Real peers: h2load/nghttpd/nghttpx, wrk, the gRPC interop protos, and iptables
+# (the interception tests program it in network namespaces).
+DEBIAN_PACKAGES := nghttp2-client nghttp2-server nghttp2-proxy wrk grpc-proto iptables
 
 .PHONY: test lint bench demo install clean debs
 
@@ -20,7 +21,8 @@ install: $(STAMP) debs
 
 debs:
 	@if ! command -v h2load >/dev/null || ! command -v nghttpd >/dev/null || ! command -v nghttpx >/dev/null \
-	    || ! command -v wrk >/dev/null || ! test -f /usr/share/grpc-proto/grpc/testing/test.proto; then \
+	    || ! command -v wrk >/dev/null || ! test -f /usr/share/grpc-proto/grpc/testing/test.proto \
+	    || ! command -v iptables-restore >/dev/null; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEBIAN_PACKAGES); \
 	fi
 
@@ -38,13 +40,14 @@ test: lint debs
 	$(PY) -m pytest -q
 	MESHPROXY_NO_EXTENSIONS=1 $(PY) -m pytest -q -m "codec or lb or resilience" tests/codec tests/lb tests/resilience
 	MESHPROXY_NO_EXTENSIONS=1 $(PY) -m pytest -q tests/integration/test_interop.py tests/integration/test_grpc_proxy.py \
-	    tests/integration/test_mesh.py
+	    tests/integration/test_mesh.py tests/integration/test_resilience.py tests/integration/test_health_check.py
 
 bench: $(STAMP) debs
 	$(PY) perf/bench_codec.py
 	$(PY) perf/bench_lb.py
 	$(PY) perf/bench_resilience.py
 	$(PY) perf/bench_proxy.py
+	$(PY) perf/bench_retry.py
 	$(PY) perf/bench_push.py
 
 demo: $(STAMP) debs
