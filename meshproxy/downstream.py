@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from meshproxy.upstream import Endpoint, Subset
     from meshproxy.worker import Worker
 
-__all__ = ["Deadlines", "DownstreamProtocol", "Request"]
+__all__ = ["Deadlines", "DownstreamProtocol", "Request", "TryTimeouts"]
 
 log = logging.getLogger("meshproxy.downstream")
 
@@ -73,7 +73,7 @@ class Request:
         "start_ns",
         "subset",
         "tried",
-        "try_timer",
+        "try_slot",
         "up",
     )
 
@@ -94,7 +94,7 @@ class Request:
         self.retrying = False  # counted in the cluster's active retries
         self.backoff = False  # the next re-send waits out the backoff
         self.tried: list[Endpoint] | None = None  # endpoints of earlier attempts
-        self.try_timer: asyncio.TimerHandle | None = None
+        self.try_slot = 0  # the per-try timeout's slot in the worker's TryTimeouts; 0: none
         # For the stream idle timeout: what the stream had done at the last sweep, and since when.
         self.activity: tuple | None = None
         self.active_at = start_ns
@@ -102,6 +102,64 @@ class Request:
     @property
     def response_flags(self) -> str:
         return self.flags or self.down.response_flags or ""
+
+
+class TryTimeouts:
+    """Per-try timeouts of one worker: a timing wheel of ``SLOT_NS`` slots and one timer.
+
+    Every attempt of a request whose route sets ``per_try_timeout`` is armed,
+    and almost none fires: arming and disarming must cost next to nothing (a
+    set add and discard, no TimerHandle per attempt, nothing kept once the
+    attempt ends). The price is precision: a timeout fires at the start of
+    the first slot at or after it is due, up to ``SLOT_NS`` late.
+    """
+
+    SLOT_NS = 5_000_000
+
+    __slots__ = ("_order", "_slots", "_timer", "_timer_slot", "worker")
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self._slots: dict[int, set[Request]] = {}
+        self._order: list[int] = []  # a heap of the slots in _slots
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_slot = 0
+
+    def add(self, req: Request, due_ns: int) -> None:
+        k = -(-due_ns // self.SLOT_NS)
+        due = self._slots.get(k)
+        if due is None:
+            due = self._slots[k] = set()
+            heapq.heappush(self._order, k)
+            if self._timer is None or k < self._timer_slot:
+                self._arm(k)
+        due.add(req)
+        req.try_slot = k
+
+    def remove(self, req: Request) -> None:
+        due = self._slots.get(req.try_slot)
+        if due is not None:
+            due.discard(req)
+        req.try_slot = 0
+
+    def _arm(self, k: int) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_slot = k
+        self._timer = self.worker.loop.call_later(max(0.0, (k * self.SLOT_NS - now_ns()) / 1e9), self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        current = now_ns() // self.SLOT_NS
+        order = self._order
+        while order and order[0] <= current:
+            for req in self._slots.pop(heapq.heappop(order), ()):
+                req.try_slot = 0
+                # The downstream connection's protocol (its event handler's owner) runs the retry.
+                req.down.conn.handler.__self__.per_try_expired(req)
+        if order:
+            self._arm(order[0])
+        self.worker.outbox.flush()
 
 
 class Deadlines:
@@ -394,10 +452,8 @@ class DownstreamProtocol(H2Protocol):
         req.tried.append(req.endpoint)
         req.index = -1
         req.up = None
-        timer = req.try_timer
-        if timer is not None:
-            timer.cancel()
-            req.try_timer = None
+        if req.try_slot:
+            self.worker.try_timeouts.remove(req)
 
     def _redispatch(self, s: h2.Stream) -> None:
         # The core took the request back (EV_RETRY): the upstream never processed
@@ -454,12 +510,13 @@ class DownstreamProtocol(H2Protocol):
         up = c.open_forward(s, route.authority_rewrite, route.rewrite_path(s.path), timeout_ns)
         req.up = up
         if per_try:
-            req.try_timer = self.worker.loop.call_later(per_try / 1e9, self._per_try_expired, req, up)
+            self.worker.try_timeouts.add(req, now_ns() + per_try)
 
-    def _per_try_expired(self, req: Request, up: h2.Stream) -> None:
-        """An attempt's per-try timeout: until response headers; then the deadline governs."""
-        req.try_timer = None
-        if req.done or req.up is not up or up.recv_headers:
+    def per_try_expired(self, req: Request) -> None:
+        """The per-try timeout of ``req``'s attempt in flight: it covers the wait for response
+        headers; after them the deadline governs."""
+        up = req.up
+        if req.done or up is None or up.recv_headers:
             return
         worker = self.worker
         ep = req.endpoint

@@ -33,7 +33,7 @@ from typing import Any
 
 from meshproxy.config import ConfigError, parse_address
 from meshproxy.conn import h2conn as h2
-from meshproxy.downstream import Deadlines, DownstreamProtocol, Request
+from meshproxy.downstream import Deadlines, DownstreamProtocol, Request, TryTimeouts
 from meshproxy.health import HealthChecker
 from meshproxy.resilience import outlier
 from meshproxy.resilience.policy import new_budget, outcome
@@ -181,6 +181,7 @@ class Worker:
         self.outbox = h2.Outbox()
         self.runtime: Runtime | None = Runtime(config, None, self.retry_hook) if config is not None else None
         self.deadlines = Deadlines(self)
+        self.try_timeouts = TryTimeouts(self)
         self.health = HealthChecker(loop)
         self.downstreams: set[DownstreamProtocol] = set()
         self.upstreams: set[UpstreamProtocol] = set()
@@ -296,9 +297,8 @@ class Worker:
             state.active_requests -= 1
             if req.retrying:
                 state.active_retries -= 1
-            if req.try_timer is not None:
-                req.try_timer.cancel()
-                req.try_timer = None
+            if req.try_slot:
+                self.try_timeouts.remove(req)
             up = req.up
             ep = req.endpoint
             if ep is not None and ep.waiters:
@@ -315,13 +315,17 @@ class Worker:
                     t = now_ns()
                     subset.finish(req.index, t - req.start_ns, t)
             if ep is not None and up is not None and ep.cluster.outlier is not None:
+                cluster = ep.cluster
                 if up.recv_headers:
                     status, grpc = up.status, up.grpc_status
-                    # The common case without a call: a success needs no classifying (nor a clock).
-                    result = SUCCESS if status < 500 and grpc <= 0 else outcome(status, grpc)
-                    ep.cluster.record(ep, result, up.t_response_ns)
+                    if status < 500 and grpc <= 0:
+                        # The common case, straight to the detector: a success only ends runs.
+                        if ep.index >= 0:
+                            cluster.outlier.record(ep.index, SUCCESS, up.t_response_ns)
+                    else:
+                        cluster.record(ep, outcome(status, grpc), up.t_response_ns)
                 elif up.closed_remote_reset or up.conn.terminated:
-                    ep.cluster.record(ep, outlier.LOCAL_ORIGIN_FAILURE, now_ns())
+                    cluster.record(ep, outlier.LOCAL_ORIGIN_FAILURE, now_ns())
                 # Otherwise the downstream gave up (or its deadline passed): not the endpoint's doing.
         for hook in self.on_complete:
             hook(req)
