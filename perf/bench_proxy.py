@@ -69,7 +69,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -436,6 +436,7 @@ def workloads(tmp: Path) -> list[Workload]:
     ]
 
 
+BACKEND_PROGRAM = "nghttpd --no-tls (nghttp2, C, one thread, SETTINGS_MAX_CONCURRENT_STREAMS 100)"
 ENVOY_SUMMARY = (
     "codec HTTP2 both sides (default codec, oghttp2), one route to one STATIC cluster, generate_request_id false, "
     "router suppress_envoy_headers, route timeout 0s, upstream max_concurrent_streams 100 (the backend's limit), "
@@ -655,6 +656,10 @@ class Bench:
         if not self.args.silent:
             print(f"[bench_proxy] {message}", file=sys.stderr, flush=True)
 
+    def label(self, row: Row) -> str:
+        """``row`` as the progress lines name it."""
+        return row.proxy
+
     def h2load(self, row: Row, shape: str, count: int | None, **kw: Any) -> Load:
         """One h2load run through ``row`` at ``shape``, on the client CPU."""
         return run_h2load(self.tools, self.args.client_cpu, row.url, row.workload, shape, count,
@@ -679,9 +684,13 @@ class Bench:
             self.probe(row)
             return
         port = free_ports(1)[0]
-        name = f"{row.proxy}-{row.workload.name}"
         extra = shlex.split(self.args.meshproxy_args) if row.proxy == "meshproxy" else []
         cmd = proxy_command(row.proxy, self.tools, port, backend_port, self.tmp, extra)
+        self.launch(row, cmd, port)
+
+    def launch(self, row: Row, cmd: Sequence[str], port: int) -> None:
+        """Start ``cmd``, ``row``'s proxy on ``port``; check one request goes through, then measure its idle RSS."""
+        name = f"{row.proxy}-{row.workload.name}"
         row.proc = self.procs.start(name, cmd, self.args.proxy_cpu, cwd=REPO_ROOT)
         row.url = f"http://127.0.0.1:{port}{row.workload.path}"
         try:
@@ -751,36 +760,61 @@ class Bench:
         )
         return m.as_dict()
 
+    def start_rows(self, rows: Sequence[Row], backend_port: int) -> None:
+        """Start every row's proxy; a row whose proxy does not start gets its error and no process."""
+        for row in rows:
+            try:
+                self.start_proxy(row, backend_port)
+            except RowFailed as exc:
+                row.error = f"start: {exc}"
+                self.log(f"{self.label(row)} failed to start for {row.workload.name}: {exc}")
+                if row.proc is not None:
+                    self.procs.stop(row.proc)
+                continue
+            info = self.proxy_info[row.proxy]
+            if row.rss_idle_kib is not None and "rss_idle_kib" not in info:
+                info["rss_idle_kib"] = row.rss_idle_kib
+            self.log(f"{self.label(row)} ready for {row.workload.name} at {row.url}")
+
+    def measure_row(self, row: Row, shape: str, backend: subprocess.Popen, rep: int) -> dict[str, Any] | None:
+        """Repetition ``rep`` (from 0) of ``row`` at ``shape``, kept in the results; None when it failed (row.error)."""
+        try:
+            result = self.measure(row, shape, backend)
+        except RowFailed as exc:
+            tail = log_tail(self.tmp, f"{row.proxy}-{row.workload.name}")
+            row.error = f"run {rep + 1} {shape}: {exc}: {tail}".rstrip(": ")
+            self.log(f"{self.label(row)} {row.workload.name} {shape} failed: {exc}")
+            return None
+        self.results.setdefault((row.workload.name, shape, row.proxy), []).append(result)
+        return result
+
+    def stop_rows(self, rows: Sequence[Row], backend: subprocess.Popen) -> None:
+        """Record the rows' failures at every shape and their proxies' RSS after the load; stop them and the backend."""
+        for row in rows:
+            if row.error:
+                for shape in self.args.shapes:
+                    self.failures.setdefault((row.workload.name, shape, row.proxy), row.error)
+            if row.proc is not None:
+                if row.proc.poll() is None:
+                    row.rss_after_kib = rss_kib(row.proc.pid)
+                    info = self.proxy_info[row.proxy]
+                    info["rss_after_load_kib"] = max(info.get("rss_after_load_kib", 0), row.rss_after_kib)
+                self.procs.stop(row.proc)
+        self.procs.stop(backend)
+
     def run(self) -> None:
         for workload in workloads(self.tmp):
             backend, backend_port = self.start_backend(workload)
             rows = [Row(p, workload) for p in self.args.proxies]
-            for row in rows:
-                try:
-                    self.start_proxy(row, backend_port)
-                except RowFailed as exc:
-                    row.error = f"start: {exc}"
-                    self.log(f"{row.proxy} failed to start for {workload.name}: {exc}")
-                    if row.proc is not None:
-                        self.procs.stop(row.proc)
-                    continue
-                info = self.proxy_info[row.proxy]
-                if row.rss_idle_kib is not None and "rss_idle_kib" not in info:
-                    info["rss_idle_kib"] = row.rss_idle_kib
-                self.log(f"{row.proxy} ready for {workload.name} at {row.url}")
+            self.start_rows(rows, backend_port)
             for rep in range(self.args.repeat):
                 for row in rows:
                     for shape in self.args.shapes:
                         if row.error:
                             break
-                        try:
-                            result = self.measure(row, shape, backend)
-                        except RowFailed as exc:
-                            tail = log_tail(self.tmp, f"{row.proxy}-{workload.name}")
-                            row.error = f"run {rep + 1} {shape}: {exc}: {tail}".rstrip(": ")
-                            self.log(f"{row.proxy} {workload.name} {shape} failed: {exc}")
+                        result = self.measure_row(row, shape, backend, rep)
+                        if result is None:
                             break
-                        self.results.setdefault((workload.name, shape, row.proxy), []).append(result)
                         cpu = result["cpu_us_per_req"]
                         self.log(
                             f"{workload.name} {shape} {row.proxy} ({rep + 1}/{self.args.repeat}): "
@@ -788,17 +822,18 @@ class Bench:
                             f"p99 {result['p99_us']:,.0f} us, "
                             f"CPU {'-' if cpu is None else f'{cpu:.1f} us'}/req, errors {result['errors']}"
                         )
-            for row in rows:
-                if row.error:
-                    for shape in self.args.shapes:
-                        self.failures.setdefault((workload.name, shape, row.proxy), row.error)
-                if row.proc is not None:
-                    if row.proc.poll() is None:
-                        row.rss_after_kib = rss_kib(row.proc.pid)
-                        info = self.proxy_info[row.proxy]
-                        info["rss_after_load_kib"] = max(info.get("rss_after_load_kib", 0), row.rss_after_kib)
-                    self.procs.stop(row.proc)
-            self.procs.stop(backend)
+            self.stop_rows(rows, backend)
+
+    def summary(self, key: tuple[str, str, str], head: dict[str, Any]) -> dict[str, Any]:
+        """The report's row for ``key`` (workload, shape, proxy): ``head``, then its status and medians, its runs."""
+        runs = self.results.get(key, [])
+        row = dict(head)
+        if key in self.failures or not runs:
+            row.update(status="failed", error=self.failures.get(key, "not measured"))
+        else:
+            row.update(status="ok", **summarize(runs))
+        row["runs"] = runs
+        return row
 
     def report(self) -> dict[str, Any]:
         args = self.args
@@ -806,15 +841,8 @@ class Bench:
         for workload in ("get", "grpc"):
             for shape in args.shapes:
                 for proxy in args.proxies:
-                    key = (workload, shape, proxy)
-                    runs = self.results.get(key, [])
-                    row: dict[str, Any] = {"proxy": proxy, "workload": workload, "shape": shape}
-                    if key in self.failures or not runs:
-                        row.update(status="failed", error=self.failures.get(key, "not measured"))
-                    else:
-                        row.update(status="ok", **summarize(runs))
-                    row["runs"] = runs
-                    rows.append(row)
+                    head = {"proxy": proxy, "workload": workload, "shape": shape}
+                    rows.append(self.summary((workload, shape, proxy), head))
         index = {(r["workload"], r["shape"], r["proxy"]): r for r in rows}
         for r in rows:
             envoy = index.get((r["workload"], r["shape"], "envoy"))
@@ -842,14 +870,9 @@ class Bench:
             "warmup_s": args.warmup,
             "max_run_seconds": args.max_run_seconds,
             "proxies": args.proxies,
-            "pinning": {
-                "proxy_cpu": args.proxy_cpu,
-                "client_cpu": args.client_cpu,
-                "cpus": os.cpu_count(),
-                "nice": args.nice,
-            },
+            "pinning": pinning(args),
             "backend": {
-                "program": "nghttpd --no-tls (nghttp2, C, one thread, SETTINGS_MAX_CONCURRENT_STREAMS 100)",
+                "program": BACKEND_PROGRAM,
                 "get": f"GET {GET_PATH}: {BODY_SIZE}-byte body",
                 "grpc": f"POST {GRPC_PATH}: {len(grpc_message())}-byte prefixed message in and out, "
                 "grpc-status: 0 trailer",
@@ -865,6 +888,11 @@ class Bench:
             "rss_idle_kib": {p: self.proxy_info[p].get("rss_idle_kib") for p in args.proxies if p != "direct"},
             "proxy_info": self.proxy_info,
         }
+
+
+def pinning(args: argparse.Namespace) -> dict[str, Any]:
+    """Where the run's processes ran, and at what niceness, for the report."""
+    return {"proxy_cpu": args.proxy_cpu, "client_cpu": args.client_cpu, "cpus": os.cpu_count(), "nice": args.nice}
 
 
 def ratios(row: dict[str, Any] | None, envoy: dict[str, Any] | None) -> dict[str, float | None] | None:
@@ -888,6 +916,13 @@ def fmt(value: float | None, spec: str = ",.0f") -> str:
 
 def pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.0f}%"
+
+
+def others_on_proxy_cpu(row: dict[str, Any]) -> float | None:
+    """The share of the proxy's CPU that others used or the hypervisor stole during a report row's runs."""
+    if row.get("proxy_core_other") is None:
+        return None
+    return row["proxy_core_other"] + (row.get("proxy_core_steal") or 0)
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -921,9 +956,7 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(head + "| FAILED |" + " |" * 9)
             continue
         vs = r.get("vs_envoy") or {}
-        other = None
-        if r.get("proxy_core_other") is not None:
-            other = r["proxy_core_other"] + (r.get("proxy_core_steal") or 0)
+        other = others_on_proxy_cpu(r)
         lines.append(
             head + f"| {fmt(r['rps'])} | {fmt(r['p50_us'])} | {fmt(r['p99_us'])} | {fmt(r['cpu_us_per_req'], '.1f')} "
             f"| {pct(r['proxy_core_util'])} | {pct(other)} | {pct(r['client_core_util'])} "
@@ -1050,13 +1083,39 @@ def version(argv: list[str]) -> str:
     return (m.group(1) or m.group(2)) if m else out.strip()[:60]
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    """Command-line options; ``--quick`` lowers the request counts for a smoke run."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--proxies", default=",".join(PROXIES), help=f"rows to run, comma separated (default {PROXIES})")
-    p.add_argument("--shapes", default=",".join(SHAPES), help="c32m16,c1m1 (default both)")
-    p.add_argument("--quick", action="store_true", help="smoke run: fewer requests, shorter warm-up, one repetition")
-    p.add_argument("--repeat", type=int, help="measured runs per row and shape, medians reported (default 3; quick 1)")
+@dataclass(frozen=True)
+class Script:
+    """What a bench script built on this one says or does differently in its shared options, outputs and main()."""
+
+    name: str  # "bench_proxy": the reports perf/results/<name>.*, the messages' prefix, the temporary directory's
+    row: str  # what is measured side by side, in --repeat's help: "row"
+    proxy: str  # one proxy under test, in the help texts: "proxy"
+    proxies: str  # the same in the plural: "proxies"
+    proxy_cpu: str  # whose CPU --proxy-cpu is, in its help: "the proxy under test"
+    repeat: tuple[int, int]  # --repeat's default: full run, then --quick
+    bench: Callable[..., Bench]  # the Bench (sub)class that runs and reports
+    markdown: Callable[[dict[str, Any]], str]  # the report as Markdown
+    idle_wait: tuple[float, float] = (1.0, 1.0)  # --idle-wait's default: full run, then --quick
+    chart: Callable[[dict[str, Any], Path], None] | None = None  # with one: --png, the report as a chart
+    bare_json: bool = False  # a bare --json (no value) writes the JSON to stdout
+
+
+def add_run_options(p: argparse.ArgumentParser, script: Script) -> None:
+    """The options every bench script takes after its own: the run's shape, pinning, timeouts, outputs, logs."""
+    repeat, quick_repeat = script.repeat
+    idle, quick_idle = script.idle_wait
+    proxy = script.proxy
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: fewer requests, shorter warm-up, "
+        + ("one repetition" if quick_repeat == 1 else f"{quick_repeat} repetitions"),
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        help=f"measured runs per {script.row} and shape, medians reported (default {repeat}; quick {quick_repeat})",
+    )
     p.add_argument("--requests", type=int, help="requests per c32m16 run (default 100,000; quick 5,000)")
     p.add_argument("--latency-requests", type=int, help="requests per c1m1 run (default 10,000; quick 1,000)")
     p.add_argument("--warmup", type=float, help="seconds of warm-up before each measured run (default 2; quick 0.3)")
@@ -1065,35 +1124,47 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=float,
         help="cut a run's requests so it lasts about this long at the warm-up's rate (default 20; quick 5)",
     )
-    p.add_argument("--proxy-cpu", type=int, default=1, help="CPU of the proxy under test (default 1)")
+    p.add_argument("--proxy-cpu", type=int, default=1, help=f"CPU of {script.proxy_cpu} (default 1)")
     p.add_argument("--client-cpu", type=int, default=0, help="CPU of h2load, the backend and this script (default 0)")
-    p.add_argument("--startup-timeout", type=float, default=20.0, help="seconds for a proxy to serve its first request")
+    p.add_argument(
+        "--startup-timeout", type=float, default=20.0, help=f"seconds for a {proxy} to serve its first request"
+    )
     p.add_argument("--run-timeout", type=float, default=120.0, help="seconds one h2load run may take")
-    p.add_argument("--idle-wait", type=float, default=1.0, help="idle seconds before reading a proxy's RSS")
+    p.add_argument(
+        "--idle-wait",
+        type=float,
+        help=f"idle seconds before reading a {proxy}'s RSS"
+        + (f" (default {idle:g}; quick {quick_idle:g})" if idle != quick_idle else ""),
+    )
     p.add_argument(
         "--nice",
         type=int,
         default=0,
-        help="niceness of h2load, the backend and the proxies and of their sessions' autogroups, all alike "
+        help=f"niceness of h2load, the backend and the {script.proxies} and of their sessions' autogroups, all alike "
         "(negative: root; shields the run from other work on the machine at that work's expense; default 0)",
     )
     p.add_argument("--meshproxy-args", default="", help="extra arguments for `meshproxy run` (one string)")
-    p.add_argument("--json", help="write the JSON report here ('-' for stdout; default perf/results/bench_proxy.json)")
-    p.add_argument("--md", help="write the Markdown report here (default perf/results/bench_proxy.md)")
-    p.add_argument("--png", help="write the bar chart here (default perf/results/bench_proxy.png; 'none' to skip)")
+    json_help = "'-' or no value: stdout" if script.bare_json else "'-' for stdout"
+    p.add_argument(
+        "--json",
+        **({"nargs": "?", "const": "-"} if script.bare_json else {}),
+        help=f"write the JSON report here ({json_help}; default perf/results/{script.name}.json)",
+    )
+    p.add_argument("--md", help=f"write the Markdown report here (default perf/results/{script.name}.md)")
+    if script.chart is not None:
+        p.add_argument(
+            "--png", help=f"write the bar chart here (default perf/results/{script.name}.png; 'none' to skip)"
+        )
     p.add_argument("--keep-logs", action="store_true", help="keep the temporary directory with the processes' logs")
     p.add_argument("--silent", action="store_true", help="no progress lines on stderr")
-    args = p.parse_args(argv)
-    args.proxies = [x for x in args.proxies.split(",") if x]
-    args.shapes = [x for x in args.shapes.split(",") if x]
-    if not args.proxies or set(args.proxies) - set(PROXIES):
-        p.error(f"--proxies takes a comma-separated subset of {','.join(PROXIES)}")
-    if not args.shapes or set(args.shapes) - set(SHAPES):
-        p.error(f"--shapes takes a comma-separated subset of {','.join(SHAPES)}")
-    quick = args.quick
-    for name, full, short in (("repeat", 3, 1), ("warmup", 2.0, 0.3), ("max_run_seconds", 20.0, 5.0)):
+
+
+def check_run_options(p: argparse.ArgumentParser, args: argparse.Namespace, script: Script) -> None:
+    """Fill in the defaults of add_run_options' options (``--quick``'s where it has its own) and check them."""
+    for name, full, short in (("repeat", *script.repeat), ("warmup", 2.0, 0.3), ("max_run_seconds", 20.0, 5.0),
+                              ("idle_wait", *script.idle_wait)):  # fmt: skip
         if getattr(args, name) is None:
-            setattr(args, name, short if quick else full)
+            setattr(args, name, short if args.quick else full)
     if not -20 <= args.nice <= 19:
         p.error("--nice takes -20..19")
     if not 1 <= args.repeat <= 50:
@@ -1103,9 +1174,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for name in ("requests", "latency_requests"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be positive")
-    args.json = args.json or str(RESULTS / "bench_proxy.json")
-    args.md = args.md or str(RESULTS / "bench_proxy.md")
-    args.png = args.png or str(RESULTS / "bench_proxy.png")
+    args.json = args.json or str(RESULTS / f"{script.name}.json")
+    args.md = args.md or str(RESULTS / f"{script.name}.md")
+    if script.chart is not None:
+        args.png = args.png or str(RESULTS / f"{script.name}.png")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Command-line options; ``--quick`` lowers the request counts for a smoke run."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--proxies", default=",".join(PROXIES), help=f"rows to run, comma separated (default {PROXIES})")
+    p.add_argument("--shapes", default=",".join(SHAPES), help="c32m16,c1m1 (default both)")
+    add_run_options(p, BENCH_PROXY)
+    args = p.parse_args(argv)
+    args.proxies = [x for x in args.proxies.split(",") if x]
+    args.shapes = [x for x in args.shapes.split(",") if x]
+    if not args.proxies or set(args.proxies) - set(PROXIES):
+        p.error(f"--proxies takes a comma-separated subset of {','.join(PROXIES)}")
+    if not args.shapes or set(args.shapes) - set(SHAPES):
+        p.error(f"--shapes takes a comma-separated subset of {','.join(SHAPES)}")
+    check_run_options(p, args, BENCH_PROXY)
     return args
 
 
@@ -1132,19 +1220,20 @@ def signals_held() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def workspace(keep: bool) -> Iterator[Path]:
-    """A temporary directory for the docroot, configs and logs."""
-    tmp = Path(tempfile.mkdtemp(prefix="bench_proxy-"))
+def workspace(keep: bool, name: str = "bench_proxy") -> Iterator[Path]:
+    """A temporary directory for the docroot, configs and logs; ``name`` prefixes it and the message keeping it."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"{name}-"))
     try:
         yield tmp
     finally:
         if keep:
-            print(f"bench_proxy: logs kept in {tmp}", file=sys.stderr)
+            print(f"{name}: logs kept in {tmp}", file=sys.stderr)
         else:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_outputs(args: argparse.Namespace, report: dict[str, Any], md: str) -> None:
+def write_outputs(args: argparse.Namespace, report: dict[str, Any], md: str, script: Script) -> None:
+    """The JSON report (to stdout with ``--json -``), the Markdown and, if ``script`` draws one, the chart."""
     if args.json == "-":
         print(json.dumps(report, indent=2))
     else:
@@ -1152,19 +1241,19 @@ def write_outputs(args: argparse.Namespace, report: dict[str, Any], md: str) -> 
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     Path(args.md).parent.mkdir(parents=True, exist_ok=True)
     Path(args.md).write_text(md)
-    if args.png != "none":
+    if script.chart is not None and args.png != "none":
         try:
-            chart(report, Path(args.png))
+            script.chart(report, Path(args.png))
         except ImportError:
-            print("bench_proxy: matplotlib not installed, no chart", file=sys.stderr)
+            print(f"{script.name}: matplotlib not installed, no chart", file=sys.stderr)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: run, print the Markdown table, write the reports; return the exit status."""
-    args = parse_args(argv)
+def run_script(script: Script, args: argparse.Namespace) -> int:
+    """Run ``script``'s bench with ``args``, print the Markdown table, write the reports; return the exit status."""
+    name = script.name
     cpus = os.sched_getaffinity(0)
     if args.proxy_cpu not in cpus or args.client_cpu not in cpus or args.proxy_cpu == args.client_cpu:
-        print(f"bench_proxy: need two distinct usable CPUs (have {sorted(cpus)})", file=sys.stderr)
+        print(f"{name}: need two distinct usable CPUs (have {sorted(cpus)})", file=sys.stderr)
         return 2
     # SIGINT too: a shell starts background jobs with SIGINT ignored, and Python then keeps it ignored.
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -1173,32 +1262,50 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         tools = find_tools(args.proxies)
     except BenchError as exc:
-        print(f"bench_proxy: {exc}", file=sys.stderr)
+        print(f"{name}: {exc}", file=sys.stderr)
         return 2
     tools.nice = args.nice
     pin_self(args.client_cpu)
-    with workspace(args.keep_logs) as tmp:
+    with workspace(args.keep_logs, name) as tmp:
         procs = Processes(tmp, args.nice)
         try:
             write_docroot(tmp / "www")
-            bench = Bench(args, tools, tmp, procs)
+            bench = script.bench(args, tools, tmp, procs)
             bench.run()
         except BenchError as exc:
-            print(f"bench_proxy: {exc}", file=sys.stderr)
+            print(f"{name}: {exc}", file=sys.stderr)
             return 2
         except (KeyboardInterrupt, Interrupted) as exc:
-            print(f"bench_proxy: interrupted ({type(exc).__name__} {exc}), processes stopped", file=sys.stderr)
+            print(f"{name}: interrupted ({type(exc).__name__} {exc}), processes stopped", file=sys.stderr)
             return 130
         finally:
             with signals_held():
                 procs.stop_all()
     report = bench.report()
-    md = markdown(report)
+    md = script.markdown(report)
     if args.json != "-":
         print(md)
-    write_outputs(args, report, md)
+    write_outputs(args, report, md, script)
     bad = [r for r in report["rows"] if r["status"] != "ok" or r["errors"] or r["warmup_errors"]]
     return 3 if bad else 0
+
+
+BENCH_PROXY = Script(
+    "bench_proxy",
+    row="row",
+    proxy="proxy",
+    proxies="proxies",
+    proxy_cpu="the proxy under test",
+    repeat=(3, 1),
+    bench=Bench,
+    markdown=markdown,
+    chart=chart,
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: run, print the Markdown table, write the reports; return the exit status."""
+    return run_script(BENCH_PROXY, parse_args(argv))
 
 
 if __name__ == "__main__":
