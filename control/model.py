@@ -394,6 +394,9 @@ class Service:
     endpoints: dict[int, list[Endpoint]] = field(default_factory=dict)
     selector: Mapping[str, str] | None = None  # Kubernetes Services: the Pod selector
     kubernetes: bool = False
+    # The IPs the service answers on (a Service's clusterIPs, a ServiceEntry's single-host
+    # addresses): a transparent sidecar maps a redirected connection's destination by them.
+    addresses: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -1112,15 +1115,45 @@ def _service_entry(meta: Meta, spec: _Spec) -> list[Service]:
             target = overrides.get(p.name) or p.target_port or p.number
             endpoints[p.number].append(Endpoint(address, int(target), labels, weight))
     export_to = _export_to(spec)
+    addresses = _entry_addresses(spec)
     if not spec.list("endpoints"):
         if resolution == "STATIC":
             raise Invalid(spec.at("endpoints"), "a STATIC ServiceEntry needs endpoints")
         # DNS without endpoints: each host resolves to itself (not to every host of the entry).
         return [
-            Service(meta, h, ports, export_to, {p.number: [Endpoint(h, int(p.target_port or p.number))] for p in ports})
+            Service(
+                meta,
+                h,
+                ports,
+                export_to,
+                {p.number: [Endpoint(h, int(p.target_port or p.number))] for p in ports},
+                addresses=addresses,
+            )
             for h in hosts
         ]
-    return [Service(meta, h, ports, export_to, {k: list(v) for k, v in endpoints.items()}) for h in hosts]
+    return [
+        Service(meta, h, ports, export_to, {k: list(v) for k, v in endpoints.items()}, addresses=addresses)
+        for h in hosts
+    ]
+
+
+def _entry_addresses(spec: _Spec) -> tuple[str, ...]:
+    """A ServiceEntry's ``addresses``: IPs or CIDR blocks. A single-host block is its IP; a wider
+    one cannot name one cluster for a connection, so it is kept out with a warning."""
+    out: list[str] = []
+    for i, text in enumerate(spec.strs("addresses")):
+        path = f"{spec.at('addresses')}[{i}]"
+        try:
+            net = ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise Invalid(path, f"{text!r} is not an IP address or CIDR block") from None
+        if net.num_addresses != 1:
+            spec.warnings.append((path, f"{text} is a range: transparent sidecars map single addresses only"))
+            continue
+        address = str(net.network_address)
+        if address not in out:
+            out.append(address)
+    return tuple(out)
 
 
 def _kube_service(meta: Meta, obj: dict, domain: str) -> Service | None:
@@ -1138,8 +1171,31 @@ def _kube_service(meta: Meta, obj: dict, domain: str) -> Service | None:
     export = annotations.get("networking.istio.io/exportTo")
     export_to = tuple(x.strip() for x in export.split(",") if x.strip()) if isinstance(export, str) else None
     return Service(
-        meta, f"{meta.name}.{meta.namespace}.svc.{domain}", ports, export_to or None, selector=selector, kubernetes=True
+        meta,
+        f"{meta.name}.{meta.namespace}.svc.{domain}",
+        ports,
+        export_to or None,
+        selector=selector,
+        kubernetes=True,
+        addresses=_cluster_ips(spec),
     )
+
+
+def _cluster_ips(spec: _Spec) -> tuple[str, ...]:
+    """A Service's ``clusterIPs`` (dual stack), else its ``clusterIP``; none for a headless
+    Service ("None") or one not allocated yet."""
+    out: list[str] = []
+    ips = spec.strs("clusterIPs") or ([spec.str("clusterIP")] if spec.str("clusterIP") else [])
+    path = spec.at("clusterIPs") if spec.get("clusterIPs") else spec.at("clusterIP")
+    for i, ip in enumerate(ips):
+        if ip == "None":
+            return ()
+        where = f"{path}[{i}]" if spec.get("clusterIPs") else path
+        _ip(ip, where)
+        address = str(ipaddress.ip_address(ip))
+        if address not in out:
+            out.append(address)
+    return tuple(out)
 
 
 def _peer_authentication(meta: Meta, spec: _Spec) -> PeerAuthentication:

@@ -24,6 +24,10 @@ ServiceEntry host) exported to its namespace (``exportTo``; the default is
   Istio's default one (``DEFAULT_RETRY_ON``, 2 retries) when it gives none,
   as pilot does; ``attempts: 0`` is a policy of no retries.
 
+Each cluster also lists its ``service_addresses``: the service's cluster IPs
+(a ServiceEntry's single-host ``addresses``) with the cluster's port, by
+which a transparent sidecar maps a redirected connection to the cluster.
+
 Resources refused by ``control.model`` never reach here. What can only be
 judged across resources is reported once, as warnings, in
 ``Translator.__init__``: a route to a host, port or subset that does not
@@ -132,6 +136,20 @@ class Translator:
                 self._warn(svc.meta, f"host {svc.host} is already defined by {other.meta}: this one is ignored for it")
                 continue
             self.services[svc.host] = svc
+        # The "ip:port" each cluster answers on (its service_addresses), by host and port; one
+        # address belongs to one cluster, Kubernetes Services first, as for hosts.
+        self.service_addresses: dict[tuple[str, int], list[str]] = {}
+        claimed: dict[str, Service] = {}
+        for svc in sorted(self.services.values(), key=lambda s: (not s.kubernetes, s.meta.namespace, s.meta.name)):
+            for port in svc.ports:
+                for ip in svc.addresses:
+                    address = _endpoint_address(ip, port.number)
+                    other = claimed.get(address)
+                    if other is not None:
+                        self._warn(svc.meta, f"{address} is already the address of {other.meta}: ignored for this one")
+                        continue
+                    claimed[address] = svc
+                    self.service_addresses.setdefault((svc.host, port.number), []).append(address)
         self.rules: dict[str, list[DestinationRule]] = {}
         for dr in model.destination_rules:
             if dr.host not in self.services:
@@ -252,7 +270,7 @@ class Translator:
         c = clusters.get(name)
         if c is not None:
             return c
-        c = pb.Cluster(name=name)
+        c = pb.Cluster(name=name, service_addresses=self.service_addresses.get((svc.host, port), ()))
         for e in svc.endpoints.get(port, []):
             ep = c.endpoints.add(address=_endpoint_address(e.address, e.port), weight=e.weight)
             ep.labels.update(e.labels)

@@ -15,10 +15,26 @@ Where the config comes from, one of:
   ``--listen`` (default 127.0.0.1:15001) is the address of the snapshot's
   listener named ``outbound``, whatever the snapshot says. SIGHUP is ignored.
 
+In a pod (``meshproxy.transparent``): ``--transparent`` makes the outbound
+listener (``outbound`` from the control plane, or the ``--listen`` one)
+transparent: it takes the connections iptables redirected and routes them by
+their original destination. ``--inbound-listen ADDR`` adds the transparent
+listener ``inbound`` to the local app (Istio's 15006). ``--ready ADDR``
+answers the kubelet's probes: ``/ready`` (200 once a config is in force and
+its listeners accept; 503 before and while draining) and ``/healthz``.
+
 ``--concurrency N`` forks N workers sharing the listeners with SO_REUSEPORT
 (with a control plane, each worker holds its own stream, as worker 0..N-1).
 SIGTERM drains: GOAWAY, in-flight streams finish up to ``--drain-timeout``, exit 0.
 Bad flags or config: one line on stderr, exit 2.
+
+``meshproxy wait-ready --url URL [--timeout S]`` polls a ``/ready`` URL until it
+answers 200 (exit 0), or says why not in one line after the timeout (exit 1):
+a classic-mode pod's postStart, so that the app starts after its proxy.
+
+``meshproxy iptables [...] [--cleanup] [--dry-run]`` programs the pod's
+traffic capture (``meshproxy.iptables``): what the ``meshproxy-init``
+container runs.
 """
 
 from __future__ import annotations
@@ -34,6 +50,7 @@ import socket
 import sys
 from typing import Any
 
+from meshproxy import iptables
 from meshproxy.cliargs import Parser, address, bind_address, positive, seconds
 
 __all__ = ["main"]
@@ -152,8 +169,67 @@ def build_parser() -> argparse.ArgumentParser:
         default=10.0,
         help="how long in-flight streams may take to finish on SIGTERM (default 10)",
     )
+    run.add_argument(
+        "--transparent",
+        action="store_true",
+        help="the outbound listener takes connections redirected by iptables and routes them by their "
+        "original destination (with --control-plane or --listen)",
+    )
+    run.add_argument(
+        "--inbound-listen",
+        metavar="ADDR",
+        type=bind_address,
+        help="a transparent listener for redirected inbound connections to the local app (e.g. 0.0.0.0:15006)",
+    )
+    run.add_argument(
+        "--ready",
+        metavar="ADDR",
+        type=bind_address,
+        help="answer the kubelet's probes GET /ready and /healthz on this address (e.g. 0.0.0.0:15021)",
+    )
     run.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    wait = sub.add_parser(
+        "wait-ready",
+        help="wait until a sidecar is ready",
+        description="Poll a sidecar's /ready URL until it answers 200 (a classic-mode pod's postStart).",
+    )
+    wait.add_argument("--url", required=True, type=_http_url, help="e.g. http://127.0.0.1:15021/ready")
+    wait.add_argument(
+        "--timeout", metavar="SECONDS", type=seconds, default=60.0, help="give up after this long (default 60)"
+    )
+    iptables.add_parser(sub)
     return parser
+
+
+def _http_url(value: str) -> str:
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme.lower() != "http" or not rest or rest.startswith("/"):
+        raise argparse.ArgumentTypeError(f"{value!r} is not an http:// URL")
+    return value
+
+
+def listener_amendment(args: argparse.Namespace, outbound: str) -> Any:
+    """What the command line says about listeners, as a function completing each config (or None):
+    ``--transparent`` on the listener named ``outbound``, ``--inbound-listen`` as the listener
+    ``inbound`` (the control plane's, if it sends one, keeps its other settings)."""
+    from meshproxy.transparent import INBOUND_LISTENER
+
+    if not args.transparent and not args.inbound_listen:
+        return None
+
+    def amend(cfg: Any) -> None:
+        if args.transparent:
+            for ls in cfg.listeners:
+                if ls.name == outbound:
+                    ls.transparent = True
+        if args.inbound_listen:
+            inbound = next((ls for ls in cfg.listeners if ls.name == INBOUND_LISTENER), None)
+            if inbound is None:
+                inbound = cfg.listeners.add(name=INBOUND_LISTENER)
+            inbound.address = args.inbound_listen
+            inbound.transparent = True
+
+    return amend
 
 
 def load_config(args: argparse.Namespace) -> Any:
@@ -165,6 +241,11 @@ def load_config(args: argparse.Namespace) -> Any:
     if args.config:
         if args.upstream:
             raise config.ConfigError("--upstream goes with --listen, not with --config")
+        if args.transparent:
+            raise config.ConfigError(
+                "--transparent goes with --control-plane or --listen; in a config file, "
+                "set transparent: true on the listener"
+            )
         cfg = config.load_file(args.config)
     elif args.listen and args.upstream:
         cfg = config.simple(args.listen, args.upstream)
@@ -173,6 +254,10 @@ def load_config(args: argparse.Namespace) -> Any:
             "give --config FILE, --listen ADDR with --upstream ADDR, or --control-plane ADDR with its node flags"
         )
     config.validate(cfg)
+    amend = listener_amendment(args, "main")
+    if amend is not None:
+        amend(cfg)
+        config.validate(cfg)
     return cfg
 
 
@@ -189,6 +274,12 @@ def control_plane_node(args: argparse.Namespace) -> Any:
             raise config.ConfigError(f"--control-plane needs --{flag}")
     if args.concurrency > 1 and config.parse_address(args.listen or DEFAULT_OUTBOUND, listener=True)[1] == 0:
         raise config.ConfigError("--listen: port 0 cannot be shared by several workers")
+    if (
+        args.concurrency > 1
+        and args.inbound_listen
+        and config.parse_address(args.inbound_listen, listener=True)[1] == 0
+    ):
+        raise config.ConfigError("--inbound-listen: port 0 cannot be shared by several workers")
     return config.Node(
         id=args.node_id or socket.gethostname(),
         namespace=args.namespace,
@@ -201,14 +292,23 @@ def _run_worker(cfg: Any, args: argparse.Namespace, index: int = 0, node: Any = 
     """One worker: ``cfg`` is the config, or None with ``node`` to take it from the control plane."""
     import uvloop
 
+    from meshproxy.config import parse_address
+    from meshproxy.subscription import OUTBOUND_LISTENER
     from meshproxy.worker import Worker
 
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
-    worker = Worker(cfg, loop, drain_timeout=args.drain_timeout)
+    amend = listener_amendment(args, OUTBOUND_LISTENER if node is not None else "main")
+    worker = Worker(cfg, loop, drain_timeout=args.drain_timeout, amend=amend)
     worker.admin_address = args.admin
     worker.metrics_address = args.metrics
     try:
+        if args.ready:
+            from meshproxy import ready
+
+            loop.run_until_complete(
+                ready.serve(parse_address(args.ready, listener=True), lambda: worker.ready, lambda: worker.draining)
+            )
         loop.run_until_complete(worker.start())
     except OSError as e:
         print(f"meshproxy: error: cannot listen: {e.strerror or e}", file=sys.stderr)
@@ -285,9 +385,23 @@ def _supervise(cfg: Any, args: argparse.Namespace, node: Any = None) -> int:
     return status
 
 
+def _wait_ready(args: argparse.Namespace) -> int:
+    from meshproxy.ready import wait_ready
+
+    ok, last = wait_ready(args.url, args.timeout)
+    if not ok:
+        print(f"meshproxy: wait-ready: {args.url} not ready after {args.timeout:g}s (last: {last})", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "wait-ready":
+        return _wait_ready(args)
+    if args.command == "iptables":
+        return iptables.run(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from meshproxy.config import ConfigError
 

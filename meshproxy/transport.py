@@ -16,7 +16,26 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from meshproxy.worker import Worker
 
-__all__ = ["H2Protocol"]
+__all__ = ["H2Protocol", "listening_socket"]
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A non-blocking listening socket on ``host:port`` (an IP literal), bound now (OSError if it
+    cannot be) and shared with the other workers (SO_REUSEPORT); IPv6 sockets are IPv6 only."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 class H2Protocol(asyncio.Protocol):

@@ -15,6 +15,14 @@ connections to go away, and the streams in flight on them finish. In
 control-plane mode a worker starts with no config at all and binds its
 first listeners from the first snapshot.
 
+A transparent listener (``Listener.transparent``) accepts with
+``meshproxy.transparent``'s protocol, which hands HTTP/2 connections to the
+same downstream protocol (on a route table that also routes the clusters'
+service addresses) and passes the rest through as TCP; the runtime keeps
+what it needs for that (``transparent``, ``local_ports``), and the drain
+gives passthroughs the same deadline as streams. ``ready`` is what the
+kubelet's readiness probe is told (``meshproxy.ready``).
+
 With ``--concurrency N`` the supervisor in ``meshproxy.cli`` forks N of
 these; each binds the listeners with SO_REUSEPORT so the kernel spreads
 connections across them, as Envoy's workers do.
@@ -31,13 +39,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from meshproxy.config import ConfigError, parse_address
+from meshproxy import transparent
+from meshproxy.config import ConfigError, parse_address, validate
 from meshproxy.conn import h2conn as h2
 from meshproxy.downstream import Deadlines, DownstreamProtocol, Request, TryTimeouts
 from meshproxy.health import HealthChecker
 from meshproxy.resilience import outlier
 from meshproxy.resilience.policy import new_budget, outcome
 from meshproxy.routing import RouteTable
+from meshproxy.transport import listening_socket
 from meshproxy.upstream import Cluster, ClusterState, Endpoint, UpstreamProtocol
 
 __all__ = ["Runtime", "Worker"]
@@ -89,9 +99,11 @@ class Runtime:
         "config",
         "listener_settings",
         "listener_timeouts",
+        "local_ports",
         "route_budgets",
         "sweep_interval",
         "tables",
+        "transparent",
         "version",
     )
 
@@ -110,7 +122,13 @@ class Runtime:
                 states[name] = cl.state
             old_budgets = previous.route_budgets
         # Routes first: they are what can still be refused, and the clusters take over live endpoints.
-        self.tables = {ls.name: RouteTable.compile(ls, config.clusters) for ls in config.listeners}
+        # A transparent listener's table also routes its clusters' service addresses (meshproxy.transparent).
+        self.tables = {
+            ls.name: RouteTable.compile(
+                transparent.routable(ls, config.clusters) if ls.transparent else ls, config.clusters
+            )
+            for ls in config.listeners
+        }
         self.route_budgets: dict[tuple, Any] = {}
         for listener, table in self.tables.items():
             for route in table.routes():
@@ -135,6 +153,14 @@ class Runtime:
             ls.name: (_seconds(ls, "idle_timeout", 3600.0), int(_seconds(ls, "stream_idle_timeout", 300.0) * 1e9))
             for ls in config.listeners
         }
+        # Transparent listeners: how a redirected connection finds its cluster, and the local
+        # clusters of the app ports inbound HTTP/2 went to (kept while their listener is).
+        self.transparent = transparent.Index(config) if any(ls.transparent for ls in config.listeners) else None
+        self.local_ports: set[tuple[str, int]] = set()
+        if previous is not None and self.transparent is not None:
+            for listener, port in previous.local_ports:
+                if listener in self.transparent.modes:
+                    transparent.install_local(self, listener, port, reuse, states, now)
 
 
 def _seconds(msg: Any, field: str, default: float) -> float:
@@ -147,21 +173,13 @@ def _seconds(msg: Any, field: str, default: float) -> float:
 def _bind(address: str) -> socket.socket:
     """A listening socket on ``address``, bound now (OSError if it cannot be) and shared with
     the other workers (SO_REUSEPORT)."""
-    host, port = parse_address(address, listener=True)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((host, port))
-        sock.listen(1024)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+    return listening_socket(*parse_address(address, listener=True))
+
+
+def _kind(ls: Any) -> str:
+    """What makes a bound listener the same one in a new config: its address, and whether it is
+    transparent (its connections get another protocol, so a change re-binds it)."""
+    return f"{ls.address} (transparent)" if ls.transparent else ls.address
 
 
 def _close_servers(servers: dict[str, tuple[str, asyncio.AbstractServer]]) -> None:
@@ -173,19 +191,32 @@ class Worker:
     """Runs the sidecar's listeners on one event loop.
 
     ``config`` None: no config yet (control-plane mode); ``start()`` binds
-    nothing and the first ``reconfigure()`` binds the listeners.
+    nothing and the first ``reconfigure()`` binds the listeners. ``amend``,
+    when given, completes every config before it is checked and used (the
+    command line's say over listeners: ``--transparent``, ``--inbound-listen``).
     """
 
-    def __init__(self, config: Any | None, loop: asyncio.AbstractEventLoop, drain_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        config: Any | None,
+        loop: asyncio.AbstractEventLoop,
+        drain_timeout: float = 10.0,
+        amend: Callable[[Any], None] | None = None,
+    ) -> None:
         self.loop = loop
         self.outbox = h2.Outbox()
+        self.amend = amend
+        if config is not None:
+            self._amend(config)
         self.runtime: Runtime | None = Runtime(config, None, self.retry_hook) if config is not None else None
         self.deadlines = Deadlines(self)
         self.try_timeouts = TryTimeouts(self)
         self.health = HealthChecker(loop)
         self.downstreams: set[DownstreamProtocol] = set()
         self.upstreams: set[UpstreamProtocol] = set()
-        # The bound listeners by name: (the address as configured, its server).
+        # TCP passthroughs of transparent listeners (meshproxy.transparent).
+        self.passthroughs: set[transparent.Passthrough] = set()
+        # The bound listeners by name: (the address as configured, marked if transparent; its server).
         self.listeners: dict[str, tuple[str, asyncio.AbstractServer]] = {}
         self.draining = False
         self.drain_timeout = drain_timeout
@@ -208,6 +239,7 @@ class Worker:
         needs a restart; ``reconfigure`` re-binds). Raises ConfigError (and
         changes nothing) if the routes cannot be compiled.
         """
+        self._amend(config)
         self.runtime = Runtime(config, self.runtime, self.retry_hook)
         self.health.update(self.runtime)
 
@@ -222,14 +254,15 @@ class Worker:
         accepting and send GOAWAY to their connections, whose streams in
         flight finish.
         """
+        self._amend(config)
         old = self.listeners
         opened: dict[str, tuple[str, asyncio.AbstractServer]] = {}
         try:
             for i, ls in enumerate(config.listeners):
-                if old.get(ls.name, ("",))[0] == ls.address:
+                if old.get(ls.name, ("",))[0] == _kind(ls):
                     continue
                 try:
-                    opened[ls.name] = (ls.address, await self._open(ls))
+                    opened[ls.name] = (_kind(ls), await self._open(ls))
                 except OSError as e:
                     raise ConfigError(
                         f"listeners[{i}].address", f"cannot listen on {ls.address}: {e.strerror or e}"
@@ -252,12 +285,18 @@ class Worker:
         if opened:
             log.info("listening on %s", ", ".join(f"{h}:{p}" for h, p in self.bound_addresses()))
 
+    def _amend(self, config: Any) -> None:
+        if self.amend is not None:
+            self.amend(config)
+            validate(config)
+
     async def _open(self, ls: Any) -> asyncio.AbstractServer:
         """Listener ``ls``'s server, bound (OSError if it cannot be) but not accepting yet."""
         sock = _bind(ls.address)
+        proto = transparent.TransparentProtocol if ls.transparent else DownstreamProtocol
         try:
             return await self.loop.create_server(
-                lambda name=ls.name: DownstreamProtocol(self, name), sock=sock, backlog=1024, start_serving=False
+                lambda name=ls.name: proto(self, name), sock=sock, backlog=1024, start_serving=False
             )
         except BaseException:
             sock.close()
@@ -384,7 +423,7 @@ class Worker:
             opened: dict[str, tuple[str, asyncio.AbstractServer]] = {}
             try:
                 for ls in self.runtime.config.listeners:
-                    opened[ls.name] = (ls.address, await self._open(ls))
+                    opened[ls.name] = (_kind(ls), await self._open(ls))
             except BaseException:
                 _close_servers(opened)
                 raise
@@ -421,6 +460,13 @@ class Worker:
                 out.append(sock.getsockname()[:2])
         return out
 
+    @property
+    def ready(self) -> bool:
+        """A config is in force, its listeners accept, and the worker is not draining (``--ready``)."""
+        if self.runtime is None or self.draining:
+            return False
+        return all(server.is_serving() for _, server in self.listeners.values())
+
     def install_signals(self) -> None:
         self.loop.add_signal_handler(signal.SIGTERM, self.drain)
         self.loop.add_signal_handler(signal.SIGINT, self.drain)
@@ -444,11 +490,13 @@ class Worker:
 
     async def _finish_drain(self) -> None:
         deadline = self.loop.time() + self.drain_timeout
-        while self.downstreams and self.loop.time() < deadline:
+        while (self.downstreams or self.passthroughs) and self.loop.time() < deadline:
             await asyncio.sleep(0.05)
         for p in list(self.downstreams):
             p.conn.close(0, "drain deadline")
             p._close()
+        for t in list(self.passthroughs):
+            t.close()
         for p in list(self.upstreams):
             p.conn.shutdown()
             p._close()

@@ -17,7 +17,15 @@ from typing import NamedTuple
 from meshproxy.config._error import ConfigError, at, index
 from meshproxy.config.v1 import config_pb2 as pb
 
-__all__ = ["Domain", "check_routes", "duration_s", "parse_address", "parse_domain", "validate"]
+__all__ = [
+    "Domain",
+    "check_routes",
+    "duration_s",
+    "parse_address",
+    "parse_domain",
+    "parse_service_address",
+    "validate",
+]
 
 # RFC 9110 token characters; a header name may also be an HTTP/2 pseudo-header (":scheme").
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -167,10 +175,12 @@ def validate(cfg: pb.SidecarConfig) -> None:
     """Raise ConfigError for the first thing in ``cfg`` the sidecar could not use."""
     clusters: dict[str, pb.Cluster] = {}
     seen: dict[str, str] = {}
+    claimed: dict[tuple[str, int], str] = {}
     for i, c in enumerate(cfg.clusters):
         path = index("clusters", i)
         _unique(c.name, seen, path, "cluster")
         _check_cluster(c, path)
+        _check_service_addresses(c, path, claimed)
         clusters[c.name] = c
     seen = {}
     bound: dict[tuple[str, int], str] = {}
@@ -189,6 +199,7 @@ def validate(cfg: pb.SidecarConfig) -> None:
         # 0s is meaningful here: no idle timeout at all.
         _duration(lis, "stream_idle_timeout", path)
         _duration(lis, "idle_timeout", path)
+        _check_transparent(lis, path)
         if lis.HasField("http2"):
             _check_http2(lis.http2, at(path, "http2"))
         check_routes(lis, clusters, path)
@@ -222,6 +233,39 @@ def _check_cluster(c: pb.Cluster, path: str) -> None:
         _check_outlier(c.outlier_detection, at(path, "outlier_detection"))
     if c.HasField("health_check"):
         _check_health(c.health_check, at(path, "health_check"))
+
+
+def _check_transparent(lis: pb.Listener, path: str) -> None:
+    # Opaque ports and the detection timeout are accepted on any listener: a sidecar may make
+    # the control plane's outbound listener transparent after the snapshot was checked.
+    for j, port in enumerate(lis.opaque_ports):
+        if not 1 <= port <= 65535:
+            raise ConfigError(index(at(path, "opaque_ports"), j), f"must be a port from 1 to 65535, got {port}")
+    _duration(lis, "protocol_detection_timeout", path, positive=True)
+
+
+def parse_service_address(text: str) -> tuple[str, int]:
+    """A ``Cluster.service_addresses`` entry -> ``(ip, port)``, the IP in its canonical text form;
+    ValueError with the reason otherwise."""
+    host, port = parse_address(text)
+    try:
+        return str(ipaddress.ip_address(host)), port
+    except ValueError:
+        raise ValueError(f"{host!r} is not an IP address (a Service's address is one)") from None
+
+
+def _check_service_addresses(c: pb.Cluster, path: str, claimed: dict[tuple[str, int], str]) -> None:
+    """Each address parses and belongs to one cluster only: it is how a redirected connection
+    finds its cluster."""
+    for j, text in enumerate(c.service_addresses):
+        apath = index(at(path, "service_addresses"), j)
+        try:
+            key = parse_service_address(text)
+        except ValueError as exc:
+            raise ConfigError(apath, f"invalid address {text!r}: {exc}") from None
+        if key in claimed:
+            raise ConfigError(apath, f"{text} is already a service address of {claimed[key]}")
+        claimed[key] = apath
 
 
 def _check_health(h: pb.HealthCheck, path: str) -> None:

@@ -477,6 +477,28 @@ SEMANTIC_ERRORS = [
      "clusters[0].outlier_detection.max_ejection_time", "at most 2^62 ns"),
     ("outlier-percent", lambda d: cluster(d).update(outlier_detection={"max_ejection_percent": 101}),
      "clusters[0].outlier_detection.max_ejection_percent", "from 0 to 100, got 101"),
+    # transparent listeners and the service addresses that map a redirected connection to a cluster
+    ("opaque-port-0", lambda d: listener(d).update(transparent=True, opaque_ports=[3306, 0]),
+     "listeners[0].opaque_ports[1]", "a port from 1 to 65535, got 0"),
+    ("opaque-port-big", lambda d: listener(d).update(opaque_ports=[65536]),
+     "listeners[0].opaque_ports[0]", "a port from 1 to 65535, got 65536"),
+    ("detection-timeout-0", lambda d: listener(d).update(protocol_detection_timeout="0s"),
+     "listeners[0].protocol_detection_timeout", "greater than 0"),
+    ("detection-timeout-negative", lambda d: listener(d).update(protocol_detection_timeout="-0.1s"),
+     "listeners[0].protocol_detection_timeout", "greater than 0"),
+    ("service-address-hostname", lambda d: cluster(d).update(service_addresses=["reviews:9080"]),
+     "clusters[0].service_addresses[0]", "'reviews' is not an IP address"),
+    ("service-address-no-port", lambda d: cluster(d).update(service_addresses=["10.96.0.1:80", "10.96.0.2"]),
+     "clusters[0].service_addresses[1]", "no port"),
+    ("service-address-port-0", lambda d: cluster(d).update(service_addresses=["10.96.0.1:0"]),
+     "clusters[0].service_addresses[0]", "from 1 to 65535"),
+    ("service-address-port-big", lambda d: cluster(d).update(service_addresses=["10.96.0.1:65536"]),
+     "clusters[0].service_addresses[0]", "from 1 to 65535"),
+    ("service-address-v6-brackets", lambda d: cluster(d).update(service_addresses=["fd00::1:80"]),
+     "clusters[0].service_addresses[0]", "brackets"),
+    ("service-address-dup", lambda d: cluster(d).update(service_addresses=["[fd00::1]:80"]) or
+     d["clusters"].append({"name": "b", "service_addresses": ["[FD00:0::1]:80"]}),
+     "clusters[1].service_addresses[0]", "already a service address of clusters[0].service_addresses[0]"),
 ]  # fmt: skip
 
 
@@ -505,6 +527,8 @@ def test_valid_edge_values_pass():
         split_route(d)["match"] = {"path": "/p", "headers": [{"name": ":authority", "prefix": "a"}], "method": "GET"}
         split_route(d)["route"]["prefix_rewrite"] = "/q"
         other_route(d, 2)["direct_response"].update(status=599, grpc_status=0)
+        lis.update(transparent=True, opaque_ports=[1, 3306, 65535], protocol_detection_timeout="0.001s")
+        cluster(d)["service_addresses"] = ["10.96.0.1:1", "10.96.0.1:65535", "[fd00::1]:9080"]
 
     cfg = config.from_dict(with_change(change))
     # header_table_size 0 is meaningful (no dynamic table), so it is kept as set.

@@ -1283,3 +1283,92 @@ def test_default_export_to_applies_to_virtual_services_and_destination_rules_too
         "listeners": [listener(demo_vhost(default_route(DEMO_CLUSTER)))],
         "clusters": [{"name": DEMO_CLUSTER, "endpoints": DEMO_ENDPOINTS}],
     }
+
+
+# -- service addresses: how a transparent sidecar maps a redirected connection to a cluster -------
+
+
+def _with_spec(obj: dict, **spec) -> dict:
+    obj = copy.deepcopy(obj)
+    obj["spec"].update(spec)
+    return obj
+
+
+def test_a_services_cluster_ip_and_each_port_are_its_clusters_service_addresses():
+    svc = _with_spec(kube_service("catalog", "shop", ports=((9090, "grpc"), (8080, "http"))), clusterIP="10.96.3.4")
+    t = translator(svc, pod("c0", "10.1.0.7", "shop", app="catalog"))
+    host = "catalog.shop.svc.cluster.local"
+    clusters = {c["name"]: c for c in config(t, "shop")["clusters"]}
+    assert clusters[f"outbound|9090||{host}"]["service_addresses"] == ["10.96.3.4:9090"]
+    assert clusters[f"outbound|8080||{host}"]["service_addresses"] == ["10.96.3.4:8080"]
+    assert t.problems == []
+
+
+def test_dual_stack_cluster_ips_are_all_listed_ipv6_bracketed_and_canonical():
+    svc = _with_spec(kube_service("reviews"), clusterIP="10.96.0.10", clusterIPs=["10.96.0.10", "FD00:0::A"])
+    t = translator(svc, pod("r1", "10.0.0.1", app="reviews"))
+    assert config(t)["clusters"][0]["service_addresses"] == ["10.96.0.10:9080", "[fd00::a]:9080"]
+
+
+@pytest.mark.parametrize("spec", [{"clusterIP": "None"}, {"clusterIP": ""}, {}], ids=["headless", "empty", "unset"])
+def test_no_cluster_ip_no_service_addresses(spec):
+    t = translator(_with_spec(kube_service("reviews"), **spec), pod("r1", "10.0.0.1", app="reviews"))
+    assert "service_addresses" not in config(t)["clusters"][0]
+
+
+def test_a_bad_cluster_ip_is_an_error_on_the_service():
+    t = translator(_with_spec(kube_service("reviews"), clusterIPs=["10.96.0.300"]))
+    assert problems(t) == [
+        ("error", "Service default/reviews", "spec.clusterIPs[0]", "'10.96.0.300' is not an IP address")
+    ]
+
+
+def test_service_entry_addresses_single_hosts_kept_ranges_warned():
+    entry = service_entry(addresses=["192.0.2.10", "198.51.100.0/24", "2001:db8::1/128"])
+    t = translator(entry)
+    assert problems(t) == [
+        (
+            "warning",
+            "ServiceEntry default/reviews",
+            "spec.addresses[1]",
+            "198.51.100.0/24 is a range: transparent sidecars map single addresses only",
+        )
+    ]
+    assert config(t)["clusters"] == [
+        {
+            "name": DEMO_CLUSTER,
+            "endpoints": DEMO_ENDPOINTS,
+            "service_addresses": ["192.0.2.10:9080", "[2001:db8::1]:9080"],
+        }
+    ]
+
+
+def test_a_bad_service_entry_address_is_an_error():
+    t = translator(service_entry(addresses=["reviews.local"]))
+    assert problems(t) == [
+        (
+            "error",
+            "ServiceEntry default/reviews",
+            "spec.addresses[0]",
+            "'reviews.local' is not an IP address or CIDR block",
+        )
+    ]
+
+
+def test_an_address_belongs_to_one_cluster_the_kubernetes_service_first():
+    svc = _with_spec(kube_service("reviews"), clusterIP="10.96.0.10")
+    entry = service_entry(
+        "other.local", name="other", ports=[{"number": 9080, "name": "grpc"}], addresses=["10.96.0.10"]
+    )
+    t = translator(entry, svc, pod("r1", "10.0.0.1", app="reviews"))
+    assert problems(t) == [
+        (
+            "warning",
+            "ServiceEntry default/other",
+            "",
+            "10.96.0.10:9080 is already the address of Service default/reviews: ignored for this one",
+        )
+    ]
+    clusters = {c["name"]: c for c in config(t)["clusters"]}
+    assert clusters[f"outbound|9080||{FQDN}"]["service_addresses"] == ["10.96.0.10:9080"]
+    assert "service_addresses" not in clusters["outbound|9080||other.local"]

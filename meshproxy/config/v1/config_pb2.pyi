@@ -46,7 +46,7 @@ class Node(_message.Message):
     def __init__(self, id: _Optional[str] = ..., namespace: _Optional[str] = ..., workload: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., service_account: _Optional[str] = ...) -> None: ...
 
 class Listener(_message.Message):
-    __slots__ = ("name", "address", "virtual_hosts", "http2", "per_stream_buffer_limit_bytes", "per_connection_buffer_limit_bytes", "stream_idle_timeout", "idle_timeout")
+    __slots__ = ("name", "address", "virtual_hosts", "http2", "per_stream_buffer_limit_bytes", "per_connection_buffer_limit_bytes", "stream_idle_timeout", "idle_timeout", "transparent", "opaque_ports", "protocol_detection_timeout")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     VIRTUAL_HOSTS_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +55,9 @@ class Listener(_message.Message):
     PER_CONNECTION_BUFFER_LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
     STREAM_IDLE_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     IDLE_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    TRANSPARENT_FIELD_NUMBER: _ClassVar[int]
+    OPAQUE_PORTS_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_DETECTION_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     virtual_hosts: _containers.RepeatedCompositeFieldContainer[VirtualHost]
@@ -63,7 +66,10 @@ class Listener(_message.Message):
     per_connection_buffer_limit_bytes: int
     stream_idle_timeout: _duration_pb2.Duration
     idle_timeout: _duration_pb2.Duration
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., virtual_hosts: _Optional[_Iterable[_Union[VirtualHost, _Mapping]]] = ..., http2: _Optional[_Union[Http2Settings, _Mapping]] = ..., per_stream_buffer_limit_bytes: _Optional[int] = ..., per_connection_buffer_limit_bytes: _Optional[int] = ..., stream_idle_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., idle_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    transparent: bool
+    opaque_ports: _containers.RepeatedScalarFieldContainer[int]
+    protocol_detection_timeout: _duration_pb2.Duration
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., virtual_hosts: _Optional[_Iterable[_Union[VirtualHost, _Mapping]]] = ..., http2: _Optional[_Union[Http2Settings, _Mapping]] = ..., per_stream_buffer_limit_bytes: _Optional[int] = ..., per_connection_buffer_limit_bytes: _Optional[int] = ..., stream_idle_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., idle_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., transparent: _Optional[bool] = ..., opaque_ports: _Optional[_Iterable[int]] = ..., protocol_detection_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class Http2Settings(_message.Message):
     __slots__ = ("max_concurrent_streams", "initial_stream_window_size", "initial_connection_window_size", "max_frame_size", "max_header_list_size", "header_table_size")
@@ -234,7 +240,7 @@ class DirectResponse(_message.Message):
     def __init__(self, status: _Optional[int] = ..., body: _Optional[str] = ..., grpc_status: _Optional[int] = ..., grpc_message: _Optional[str] = ...) -> None: ...
 
 class Cluster(_message.Message):
-    __slots__ = ("name", "lb_policy", "hash_header", "endpoints", "subsets", "connect_timeout", "max_concurrent_streams_per_connection", "idle_timeout", "max_connections_per_endpoint", "retry_budget", "circuit_breakers", "outlier_detection", "health_check")
+    __slots__ = ("name", "lb_policy", "hash_header", "endpoints", "subsets", "connect_timeout", "max_concurrent_streams_per_connection", "idle_timeout", "max_connections_per_endpoint", "retry_budget", "circuit_breakers", "outlier_detection", "health_check", "service_addresses")
     class LbPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         PEAK_EWMA: _ClassVar[Cluster.LbPolicy]
@@ -260,6 +266,7 @@ class Cluster(_message.Message):
     CIRCUIT_BREAKERS_FIELD_NUMBER: _ClassVar[int]
     OUTLIER_DETECTION_FIELD_NUMBER: _ClassVar[int]
     HEALTH_CHECK_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     name: str
     lb_policy: Cluster.LbPolicy
     hash_header: str
@@ -273,7 +280,8 @@ class Cluster(_message.Message):
     circuit_breakers: CircuitBreakers
     outlier_detection: OutlierDetection
     health_check: HealthCheck
-    def __init__(self, name: _Optional[str] = ..., lb_policy: _Optional[_Union[Cluster.LbPolicy, str]] = ..., hash_header: _Optional[str] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ..., subsets: _Optional[_Iterable[_Union[Subset, _Mapping]]] = ..., connect_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_concurrent_streams_per_connection: _Optional[int] = ..., idle_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_connections_per_endpoint: _Optional[int] = ..., retry_budget: _Optional[_Union[RetryBudget, _Mapping]] = ..., circuit_breakers: _Optional[_Union[CircuitBreakers, _Mapping]] = ..., outlier_detection: _Optional[_Union[OutlierDetection, _Mapping]] = ..., health_check: _Optional[_Union[HealthCheck, _Mapping]] = ...) -> None: ...
+    service_addresses: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., lb_policy: _Optional[_Union[Cluster.LbPolicy, str]] = ..., hash_header: _Optional[str] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ..., subsets: _Optional[_Iterable[_Union[Subset, _Mapping]]] = ..., connect_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_concurrent_streams_per_connection: _Optional[int] = ..., idle_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_connections_per_endpoint: _Optional[int] = ..., retry_budget: _Optional[_Union[RetryBudget, _Mapping]] = ..., circuit_breakers: _Optional[_Union[CircuitBreakers, _Mapping]] = ..., outlier_detection: _Optional[_Union[OutlierDetection, _Mapping]] = ..., health_check: _Optional[_Union[HealthCheck, _Mapping]] = ..., service_addresses: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class HealthCheck(_message.Message):
     __slots__ = ("interval", "timeout", "unhealthy_threshold", "healthy_threshold", "grpc_service_name")
