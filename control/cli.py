@@ -2,12 +2,19 @@
 
     meshproxy-control serve --config-dir DIR [--listen ADDR]     # a directory of YAML (local mesh)
     meshproxy-control serve --kubernetes [--kubeconfig FILE]     # in cluster, or from a kubeconfig
+        [--webhook [--webhook-listen ADDR] [--webhook-cert-dir DIR] [--sidecar-image IMAGE]]
 
 Serves ``meshproxy.v1.MeshControl`` on ``--listen`` (default 0.0.0.0:15010,
 Istio's plaintext xDS port). Replicas are independent for serving config:
 each one watches the sources and answers its own sidecars. With
 ``--kubernetes`` they also elect a leader through a Lease for the work that
 must happen once (the CA secret, the webhook's caBundle, as those land).
+With ``--webhook`` it also serves the sidecar injector (``injector.webhook``) over HTTPS on
+``--webhook-listen`` (default 0.0.0.0:15017, path /inject). Its certificate: ``tls.crt``/``tls.key`` in
+``--webhook-cert-dir`` (re-read when they change, as a mounted Secret does); else, with ``--kubernetes``,
+Secret ``meshproxy-webhook-tls`` in the control plane's namespace, which the leader creates and whose CA it
+writes into the MutatingWebhookConfiguration's caBundle (the webhook listens once the Secret exists);
+else a self-signed one made at start, for local use.
 SIGTERM/SIGINT stop it: streams end, sidecars keep their config and
 reconnect to another replica. Bad flags: one line on stderr, exit 2.
 """
@@ -28,6 +35,11 @@ from meshproxy.cliargs import Parser, bind_address, seconds
 __all__ = ["build_parser", "main"]
 
 log = logging.getLogger("meshproxy.control")
+
+WEBHOOK_LISTEN = "0.0.0.0:15017"
+# how often a replica looks at the webhook's Secret (until it exists, and then for a replaced one), and how
+# often the leader checks the Secret and the caBundle
+SECRET_POLL, SECRET_RECHECK, RECONCILE_INTERVAL = 2.0, 30.0, 30.0
 
 
 def _export_to(value: str) -> tuple[str, ...]:
@@ -68,6 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-delay", type=seconds, default=1.0, metavar="SECONDS", help="longest wait to push (default 1)"
     )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    hook = serve.add_argument_group("sidecar injection")
+    hook.add_argument("--webhook", action="store_true", help="also serve the sidecar injector webhook")
+    hook.add_argument(
+        "--webhook-listen",
+        metavar="ADDR",
+        type=bind_address,
+        help=f"the webhook's HTTPS address (default {WEBHOOK_LISTEN})",
+    )
+    hook.add_argument("--webhook-cert-dir", metavar="DIR", help="a directory with tls.crt and tls.key")
+    hook.add_argument("--sidecar-image", metavar="IMAGE", help="the image injected (default meshproxy/proxy:VERSION)")
     return parser
 
 
@@ -85,6 +107,7 @@ async def _serve(args: argparse.Namespace) -> int:
         max_delay=args.max_delay,
     )
     stoppers = []
+    api = None
     if args.config_dir:
         from control.sources.files import DirectorySource
 
@@ -96,7 +119,8 @@ async def _serve(args: argparse.Namespace) -> int:
         source.start()
         stoppers.append(source.stop)
     else:
-        stoppers.extend(await _kubernetes(args, store, loop))
+        stopper, api = await _kubernetes(args, store, loop)
+        stoppers.append(stopper)
     control.start(loop)
     try:
         server, _ = await serve(control, args.listen)
@@ -105,6 +129,15 @@ async def _serve(args: argparse.Namespace) -> int:
         print(f"meshproxy-control: error: cannot listen on {args.listen}: {reason}", file=sys.stderr)
         return 1
     log.info("serving meshproxy.v1.MeshControl on %s", args.listen)
+    if args.webhook:
+        try:
+            stoppers.insert(0, await _webhook(args, store, api))
+        except _CannotStart as e:
+            print(f"meshproxy-control: error: {e}", file=sys.stderr)
+            await server.stop(grace=None)
+            for s in stoppers:
+                await s()
+            return 1
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -116,10 +149,141 @@ async def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _kubernetes(args: argparse.Namespace, store, loop: asyncio.AbstractEventLoop) -> list:
+class _CannotStart(Exception):
+    """The webhook cannot start; the message is the one line to print."""
+
+
+def _namespace() -> str:
+    return os.environ.get("POD_NAMESPACE", "meshproxy-system")
+
+
+async def _webhook(args: argparse.Namespace, store, api):
+    """Start the injector webhook; return its stopper."""
+    import ssl
+
+    from injector import certs
+    from injector.mutate import Settings
+    from injector.webhook import Injector, WebhookServer, store_peer_authentications
+
+    namespace = _namespace()
+    injector = Injector(
+        Settings(image=args.sidecar_image or "", control_plane=f"meshproxy-control.{namespace}.svc:15010"),
+        peer_authentications=store_peer_authentications(store, args.cluster_domain),
+        root_namespace=namespace,
+    )
+    listen = args.webhook_listen or WEBHOOK_LISTEN
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    tasks: list[asyncio.Task] = []
+    holder: dict[str, WebhookServer] = {}
+
+    async def start(context: ssl.SSLContext) -> None:
+        server = WebhookServer(injector, context, host, int(port))
+        await server.start()
+        holder["server"] = server
+        log.info("serving the sidecar injector on https://%s:%d/inject", host, server.port)
+
+    if args.webhook_cert_dir:
+        directory = Path(args.webhook_cert_dir)
+        files = (directory / "tls.crt", directory / "tls.key")
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            context.load_cert_chain(*files)
+        except (OSError, ssl.SSLError) as e:
+            raise _CannotStart(f"--webhook-cert-dir {directory}: cannot load tls.crt and tls.key: {e}") from None
+        tasks.append(asyncio.create_task(_reload_files(context, files)))
+    elif api is None:
+        log.warning("the webhook's certificate is self-signed for this process; give --webhook-cert-dir to keep one")
+        context = certs.server_context(certs.WebhookCerts.generate(certs.service_dns_names(namespace=namespace)))
+    else:
+        context = None
+        tasks.append(asyncio.create_task(_follow_secret(api, namespace, start)))
+    if context is not None:
+        try:
+            await start(context)
+        except OSError as e:
+            for t in tasks:
+                t.cancel()
+            raise _CannotStart(f"cannot listen on {listen}: {e.strerror or e}") from None
+
+    async def stop() -> None:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if "server" in holder:
+            await holder["server"].stop()
+
+    return stop
+
+
+def _stat(files: tuple[Path, ...]) -> tuple:
+    out = []
+    for f in files:
+        try:
+            st = f.stat()  # through the symlinks a mounted Secret swaps on update
+            out.append((st.st_ino, st.st_mtime_ns, st.st_size))
+        except OSError:
+            out.append(None)
+    return tuple(out)
+
+
+async def _reload_files(context, files: tuple[Path, ...], interval: float = 10.0) -> None:
+    import ssl
+
+    seen = _stat(files)
+    while True:
+        await asyncio.sleep(interval)
+        now = _stat(files)
+        if now == seen:
+            continue
+        seen = now
+        try:
+            context.load_cert_chain(*files)
+            log.info("webhook certificate reloaded from %s", files[0].parent)
+        except (OSError, ssl.SSLError) as e:
+            log.warning("webhook certificate not reloaded (keeping the old one): %s", e)
+
+
+async def _follow_secret(api, namespace: str, start) -> None:
+    """Serve the Secret's certificate: start the webhook once it exists, load a replaced one."""
+    import urllib3
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    from injector import certs
+
+    core = client.CoreV1Api(api)
+    loop = asyncio.get_running_loop()
+    context, current, announced = None, None, False
+    while True:
+        try:
+            found = await loop.run_in_executor(None, certs.read_secret, core, namespace)
+        except (ApiException, urllib3.exceptions.HTTPError) as e:
+            log.warning("secret %s/%s: %s", namespace, certs.SECRET_NAME, getattr(e, "reason", None) or e)
+            found = None
+        if found is not None and found != current:
+            if context is None:
+                context = certs.server_context(found)
+                try:
+                    await start(context)
+                except OSError as e:
+                    log.error("the webhook cannot listen: %s", e.strerror or e)
+                    return
+            else:
+                certs.load_into(context, found)
+                log.info("webhook certificate replaced from secret %s/%s", namespace, certs.SECRET_NAME)
+            current = found
+        elif context is None and not announced:
+            log.info("waiting for secret %s/%s (the leader creates it)", namespace, certs.SECRET_NAME)
+            announced = True
+        await asyncio.sleep(SECRET_RECHECK if context is not None else SECRET_POLL)
+
+
+async def _kubernetes(args: argparse.Namespace, store, loop: asyncio.AbstractEventLoop):
     from kubernetes import client, config
 
-    from control.leader import LeaderElector
+    from control.leader import LeaderElector, LeaderTask
     from control.sources.kube import KubeSource
 
     configuration = client.Configuration()
@@ -139,15 +303,29 @@ async def _kubernetes(args: argparse.Namespace, store, loop: asyncio.AbstractEve
     # The first configs should reflect the whole cluster, not whatever the first lists returned.
     if not await loop.run_in_executor(None, source.synced.wait, 60.0):
         log.warning("the initial Kubernetes lists are not all done after 60 s; serving what is known")
-    namespace = os.environ.get("POD_NAMESPACE", "meshproxy-system")
+    namespace = _namespace()
     identity = os.environ.get("POD_NAME") or socket.gethostname()
+    tasks: list[LeaderTask] = []
+    if args.webhook and not args.webhook_cert_dir:
+        from injector.certs import WebhookCertReconciler, service_dns_names
+
+        reconciler = WebhookCertReconciler(
+            api, namespace, dns_names=service_dns_names(namespace=namespace, domain=args.cluster_domain)
+        )
+        tasks.append(LeaderTask("webhook-certificate", reconciler.reconcile, interval=RECONCILE_INTERVAL))
+
+    def started() -> None:
+        log.info("%s leads (lease %s/meshproxy-control)", identity, namespace)
+        for t in tasks:
+            t.start()
+
+    def stopped() -> None:
+        for t in tasks:
+            t.stop()
+        log.info("%s no longer leads", identity)
+
     elector = LeaderElector(
-        api,
-        namespace,
-        "meshproxy-control",
-        identity,
-        on_started_leading=lambda: log.info("%s leads (lease %s/meshproxy-control)", identity, namespace),
-        on_stopped_leading=lambda: log.info("%s no longer leads", identity),
+        api, namespace, "meshproxy-control", identity, on_started_leading=started, on_stopped_leading=stopped
     )
     elector.start()
 
@@ -155,7 +333,7 @@ async def _kubernetes(args: argparse.Namespace, store, loop: asyncio.AbstractEve
         await loop.run_in_executor(None, elector.stop)
         await loop.run_in_executor(None, source.stop)
 
-    return [stop]
+    return stop, api
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,6 +343,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.watch_namespace and not args.kubernetes:
         print("meshproxy-control: error: --watch-namespace goes with --kubernetes", file=sys.stderr)
+        return 2
+    for flag in ("webhook_listen", "webhook_cert_dir", "sidecar_image"):
+        if getattr(args, flag) and not args.webhook:
+            print(f"meshproxy-control: error: --{flag.replace('_', '-')} goes with --webhook", file=sys.stderr)
+            return 2
+    if args.webhook_cert_dir and not Path(args.webhook_cert_dir).is_dir():
+        print(f"meshproxy-control: error: --webhook-cert-dir {args.webhook_cert_dir}: not a directory", file=sys.stderr)
         return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:

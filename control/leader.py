@@ -8,6 +8,8 @@ The leader renews every ``retry_period``; when no renewal has succeeded for ``re
 ``lease_duration``, so it steps down before anyone else may step up) or another holder is seen, it stops
 leading. ``stop()`` releases a held Lease so another replica takes over at once instead of after expiry.
 
+``LeaderTask`` runs such work periodically while leading (started and stopped from the elector's callbacks).
+
 Expiry compares the holder's ``renewTime`` with our clock, so it assumes the replicas' clocks agree to well
 within ``lease_duration - retry_period`` (NTP on cluster nodes gives milliseconds).
 """
@@ -27,7 +29,7 @@ import urllib3
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-__all__ = ["LeaderElector"]
+__all__ = ["LeaderElector", "LeaderTask"]
 
 log = logging.getLogger("meshproxy.control.leader")
 
@@ -263,3 +265,53 @@ class LeaderElector:
                 _GROUP, _VERSION, self.namespace, _PLURAL, self.name, body, _request_timeout=timeout
             )
         self._holder = spec.get("holderIdentity") or ""
+
+
+class LeaderTask:
+    """Work done only by the leader: ``work()`` every ``interval`` seconds on a daemon thread between start()
+    and stop() (``retry`` seconds after a failure, which is logged). Both return at once, so they may be
+    called from the elector's callbacks; a round in flight when stop() is called finishes first, and as the
+    work is written to be repeatable (read, then write with the resourceVersion read) an overlap with the
+    next leader's first round is harmless.
+    """
+
+    def __init__(self, name: str, work: Callable[[], object], *, interval: float = 30.0, retry: float = 2.0) -> None:
+        if not interval > 0 or not retry > 0:
+            raise ValueError("interval and retry must be positive")
+        self.name = name
+        self.interval = interval
+        self.retry = retry
+        self._work = work
+        self._lock = threading.Lock()
+        self._stop: threading.Event | None = None
+
+    @property
+    def running(self) -> bool:
+        with self._lock:
+            return self._stop is not None and not self._stop.is_set()
+
+    def start(self) -> None:
+        with self._lock:
+            if self._stop is not None and not self._stop.is_set():
+                return
+            # each run has its own event: a thread still finishing its last round stays stopped
+            stop = self._stop = threading.Event()
+        threading.Thread(target=self._run, args=(stop,), name=f"leader-task-{self.name}", daemon=True).start()
+
+    def stop(self) -> None:
+        with self._lock:
+            if self._stop is not None:
+                self._stop.set()
+
+    def _run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                self._work()
+                wait = self.interval
+            except (ApiException, urllib3.exceptions.HTTPError) as exc:
+                log.warning("leader task %s: %s", self.name, getattr(exc, "reason", None) or exc)
+                wait = self.retry
+            except Exception:
+                log.exception("leader task %s failed", self.name)
+                wait = self.retry
+            stop.wait(wait)

@@ -1,4 +1,4 @@
-"""meshctl analyze: offline checks of mesh resources, in-process and as the installed command."""
+"""meshctl analyze (offline checks of mesh resources) and inject (the sidecar, offline), in-process and as commands."""
 
 from __future__ import annotations
 
@@ -217,7 +217,10 @@ def test_missing_path_exit_2(capsys, tmp_path):
             "meshctl analyze: error: argument -o/--output: invalid choice: 'xml' (choose from table, json, yaml)",
         ),
         ([], "meshctl: error: the following arguments are required: command"),
-        (["frobnicate"], "meshctl: error: argument command: invalid choice: 'frobnicate' (choose from analyze)"),
+        (
+            ["frobnicate"],
+            "meshctl: error: argument command: invalid choice: 'frobnicate' (choose from analyze, inject)",
+        ),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(capsys, argv, message):
@@ -227,7 +230,8 @@ def test_bad_flags_exit_2_with_one_line(capsys, argv, message):
     assert e.value.code == 2
     assert out == ""
     # argparse's quoting of choices differs between Python versions
-    assert err.replace("'table', 'json', 'yaml'", "table, json, yaml").replace("'analyze'", "analyze") == message + "\n"
+    err = err.replace("'table', 'json', 'yaml'", "table, json, yaml").replace("'analyze', 'inject'", "analyze, inject")
+    assert err == message + "\n"
 
 
 # -- the installed command -----------------------------------------------------------------------
@@ -258,3 +262,239 @@ def test_installed_command():
     assert proc.stdout == ""
     assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith("meshctl")
     assert "Traceback" not in proc.stderr
+
+
+# -- inject ----------------------------------------------------------------------------------------
+
+
+APP = Path(__file__).parents[2] / "examples" / "k8s" / "app.yaml"
+MIXED = """\
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: settings
+data:
+  when: 2024-01-01
+---
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: debug
+  labels: {app: debug}
+spec:
+  containers:
+  - name: shell
+    image: busybox:1.36
+    readinessProbe:
+      httpGet: {path: /ready, port: 8080}
+---
+apiVersion: batch/v1
+kind: CronJob
+metadata:
+  name: nightly
+spec:
+  schedule: "0 3 * * *"
+  jobTemplate:
+    spec:
+      template:
+        metadata:
+          annotations: {sidecar.meshproxy.io/nativeSidecar: "false"}
+        spec:
+          restartPolicy: OnFailure
+          containers:
+          - {name: report, image: example/report:1}
+---
+apiVersion: v1
+kind: List
+items:
+- apiVersion: apps/v1
+  kind: DaemonSet
+  metadata: {name: agent}
+  spec:
+    selector: {matchLabels: {app: agent}}
+    template:
+      metadata: {labels: {app: agent}}
+      spec:
+        containers: [{name: agent, image: example/agent:1}]
+- apiVersion: v1
+  kind: Service
+  metadata: {name: agent}
+  spec:
+    ports: [{port: 80}]
+"""
+
+
+def inject_run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(["inject", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def pod_spec(doc: dict) -> dict:
+    if doc["kind"] == "Pod":
+        return doc["spec"]
+    if doc["kind"] == "CronJob":
+        return doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    return doc["spec"]["template"]["spec"]
+
+
+def container_names(spec: dict) -> list[str]:
+    return [c["name"] for c in spec.get("initContainers", []) + spec["containers"]]
+
+
+def test_inject_the_sample_app_validates(capsys):
+    from tests.injector.validation import validate
+
+    code, out, err = inject_run(capsys, "-f", str(APP))
+    assert (code, err) == (0, "")
+    docs = list(yaml.safe_load_all(out))
+    originals = list(yaml.safe_load_all(APP.read_text()))
+    assert [(d["kind"], d["metadata"]["name"]) for d in docs] == [(d["kind"], d["metadata"]["name"]) for d in originals]
+    injected = 0
+    for doc, original in zip(docs, originals, strict=True):
+        if doc["kind"] == "Deployment":
+            validate(doc)
+            assert container_names(pod_spec(doc))[:2] == ["meshproxy-init", "meshproxy-proxy"]
+            injected += 1
+        else:
+            assert doc == original
+    assert injected == 3
+
+
+def test_inject_is_idempotent(capsys, tmp_path, monkeypatch):
+    first = tmp_path / "first.yaml"
+    assert inject_run(capsys, "-f", str(APP), "-o", str(first)) == (0, "", "")
+    monkeypatch.setattr("sys.stdin", io.StringIO(first.read_text()))
+    code, out, err = inject_run(capsys, "-f", "-")
+    assert (code, err) == (0, "")
+    assert list(yaml.safe_load_all(out)) == list(yaml.safe_load_all(first.read_text()))
+
+
+def test_inject_mixed_documents_from_stdin(capsys, monkeypatch):
+    from tests.injector.validation import validate
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(MIXED))
+    code, out, err = inject_run(
+        capsys,
+        "-f",
+        "-",
+        "--classic",
+        "--rewrite-probes",
+        "--sidecar-image",
+        "registry.local/proxy:dev",
+        "--control-plane",
+        "cp.mesh.svc:15010",
+    )
+    assert (code, err) == (0, "")
+    configmap, pod, cronjob, lst = yaml.safe_load_all(out)  # the empty document is dropped
+    assert configmap == next(yaml.safe_load_all(MIXED))
+    for doc in (pod, cronjob, lst["items"][0]):
+        validate(doc)
+    assert lst["items"][1] == {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "agent"},
+        "spec": {"ports": [{"port": 80}]},
+    }
+    # --classic: a proxy container first
+    assert [c["name"] for c in pod["spec"]["containers"]] == ["meshproxy-proxy", "shell"]
+    proxy = pod["spec"]["containers"][0]
+    assert proxy["image"] == "registry.local/proxy:dev"
+    assert proxy["args"][proxy["args"].index("--control-plane") + 1] == "cp.mesh.svc:15010"
+    # --rewrite-probes
+    assert pod["spec"]["containers"][1]["readinessProbe"]["httpGet"]["port"] == 15021
+    # the CronJob says classic itself; the DaemonSet follows --classic
+    assert pod_spec(cronjob)["containers"][0]["name"] == "meshproxy-proxy"
+    assert pod_spec(lst["items"][0])["containers"][0]["name"] == "meshproxy-proxy"
+    args = pod_spec(cronjob)["containers"][0]["args"]
+    assert args[args.index("--workload") + 1] == "nightly"
+
+
+def test_inject_native_is_the_default_and_annotations_win(capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO(MIXED))
+    code, out, _ = inject_run(capsys, "-f", "-")
+    _, pod, cronjob, _ = yaml.safe_load_all(out)
+    assert code == 0
+    assert container_names(pod["spec"]) == ["meshproxy-init", "meshproxy-proxy", "shell"]
+    assert pod["spec"]["containers"][0]["readinessProbe"]["httpGet"]["port"] == 8080  # no rewrite unless asked
+    assert pod_spec(cronjob)["containers"][0]["name"] == "meshproxy-proxy"  # its annotation: classic
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("a: [1,\n", "meshctl: error: <stdin>: YAML syntax error at line 2, column 1: "),
+        (
+            "kind: Pod\napiVersion: v1\n"
+            "metadata: {name: p, annotations: {traffic.meshproxy.io/excludeOutboundPorts: x}}\n"
+            "spec: {containers: [{name: a, image: b}]}\n",
+            "meshctl: error: <stdin>: document 1: Pod p: annotation traffic.meshproxy.io/excludeOutboundPorts: 'x' is "
+            "not a port number (1-65535)",
+        ),
+        (
+            "kind: ConfigMap\napiVersion: v1\n---\n"
+            "kind: Deployment\napiVersion: apps/v1\nmetadata: {name: d}\nspec: {}\n",
+            "meshctl: error: <stdin>: document 2: Deployment d: spec.template: expected a mapping, got missing",
+        ),
+    ],
+    ids=["yaml", "annotation", "no-template"],
+)
+def test_inject_bad_input_is_one_line_exit_1_and_no_output(capsys, monkeypatch, tmp_path, text, message):
+    monkeypatch.setattr("sys.stdin", io.StringIO(text))
+    out_file = tmp_path / "out.yaml"
+    code, out, err = inject_run(capsys, "-f", "-", "-o", str(out_file))
+    assert (code, out) == (1, "")
+    assert err.startswith(message) and err.count("\n") == 1
+    assert not out_file.exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["inject", "-f", "/nonexistent/x.yaml"], "meshctl: error: /nonexistent/x.yaml: no such file or directory"),
+        (["inject"], "meshctl inject: error: the following arguments are required: -f/--filename"),
+        (
+            ["inject", "-f", "-", "--native", "--classic"],
+            "meshctl inject: error: argument --classic: not allowed with argument --native",
+        ),
+        (
+            ["inject", "-f", "-", "--control-plane", "nope"],
+            "meshctl inject: error: argument --control-plane: 'nope': no port: expected host:port, "
+            "such as 127.0.0.1:15001",
+        ),
+    ],
+)
+def test_inject_bad_arguments_exit_2(capsys, argv, message):
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    assert (code, out) == (2, "")
+    assert err == message + "\n"
+
+
+@pytest.mark.timeout(60)
+def test_inject_as_a_command(tmp_path):
+    """The module as a process (the installed meshctl gains the injector once the package lists it)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "control.meshctl", "inject", "-f", "-"],
+        input=APP.read_text(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=Path(__file__).parents[2],
+    )
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert sum(d["kind"] == "Deployment" for d in yaml.safe_load_all(proc.stdout)) == 3
+    proc = subprocess.run(
+        [sys.executable, "-m", "control.meshctl", "inject", "-f", "-"],
+        input="{{{",
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=Path(__file__).parents[2],
+    )
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert len(proc.stderr.splitlines()) == 1 and "Traceback" not in proc.stderr

@@ -22,6 +22,7 @@ from control.sources.kube import KubeSource
 from control.store import Store
 from control.translate import Translator
 from meshproxy import config
+from tests import fakekube
 from tests.control.cp import StreamClient, wait_for
 from tests.fakekube import FakeKube, ResourceType
 from tests.integration import harness
@@ -179,18 +180,7 @@ def test_a_directory_and_kubernetes_with_the_same_objects_give_the_same_configs(
 
 def test_meshproxy_control_serve_kubernetes_pushes_api_edits(kube, tmp_path: Path) -> None:
     kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [{"name": "fake", "cluster": {"server": kube.host}}],
-                "users": [{"name": "u", "user": {"token": "t"}}],
-                "contexts": [{"name": "c", "context": {"cluster": "fake", "user": "u"}}],
-                "current-context": "c",
-            }
-        )
-    )
+    kubeconfig.write_text(fakekube.kubeconfig(kube.host))
     port = harness.free_port()
     argv = [sys.executable, "-m", "control", "serve", "--kubernetes", "--kubeconfig", str(kubeconfig)]
     argv += ["--listen", f"127.0.0.1:{port}", "--log-level", "info"]

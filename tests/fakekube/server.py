@@ -699,6 +699,20 @@ class FakeKube:
                     yield out
 
 
+def kubeconfig(host: str) -> str:
+    """A kubeconfig (YAML) whose one context talks to the fake API server at ``host`` with a token."""
+    return json.dumps(
+        {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "fake", "cluster": {"server": host}}],
+            "users": [{"name": "u", "user": {"token": "t"}}],
+            "contexts": [{"name": "c", "context": {"cluster": "fake", "user": "u"}}],
+            "current-context": "c",
+        }
+    )
+
+
 def _matches(obj: dict, label_pred, field_pred) -> bool:
     meta = obj.get("metadata", {})
     return label_pred(meta.get("labels") or {}) and field_pred(meta)
