@@ -73,7 +73,7 @@ class Request:
         "start_ns",
         "subset",
         "tried",
-        "try_slot",
+        "try_due",
         "up",
     )
 
@@ -94,7 +94,8 @@ class Request:
         self.retrying = False  # counted in the cluster's active retries
         self.backoff = False  # the next re-send waits out the backoff
         self.tried: list[Endpoint] | None = None  # endpoints of earlier attempts
-        self.try_slot = 0  # the per-try timeout's slot in the worker's TryTimeouts; 0: none
+        # The set of the worker's TryTimeouts slot the attempt in flight is in (None: no per-try timeout).
+        self.try_due: set[Request] | None = None
         # For the stream idle timeout: what the stream had done at the last sweep, and since when.
         self.activity: tuple | None = None
         self.active_at = start_ns
@@ -116,7 +117,7 @@ class TryTimeouts:
 
     SLOT_NS = 5_000_000
 
-    __slots__ = ("_order", "_slots", "_timer", "_timer_slot", "worker")
+    __slots__ = ("_order", "_slots", "_timer", "_timer_slot", "last", "last_slot", "worker")
 
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
@@ -124,9 +125,19 @@ class TryTimeouts:
         self._order: list[int] = []  # a heap of the slots in _slots
         self._timer: asyncio.TimerHandle | None = None
         self._timer_slot = 0
+        # The slot most recently added to: under load, most attempts land in the same one (public:
+        # DownstreamProtocol._forward inlines the common case of add).
+        self.last_slot = 0
+        self.last: set[Request] = set()
 
     def add(self, req: Request, due_ns: int) -> None:
-        k = -(-due_ns // self.SLOT_NS)
+        """Arm ``req``'s per-try timeout; ``req.try_due.discard(req)`` (and None) disarms it."""
+        k = due_ns // self.SLOT_NS + 1
+        if k == self.last_slot:
+            due = self.last
+            due.add(req)
+            req.try_due = due
+            return
         due = self._slots.get(k)
         if due is None:
             due = self._slots[k] = set()
@@ -134,13 +145,9 @@ class TryTimeouts:
             if self._timer is None or k < self._timer_slot:
                 self._arm(k)
         due.add(req)
-        req.try_slot = k
-
-    def remove(self, req: Request) -> None:
-        due = self._slots.get(req.try_slot)
-        if due is not None:
-            due.discard(req)
-        req.try_slot = 0
+        req.try_due = due
+        self.last_slot = k
+        self.last = due
 
     def _arm(self, k: int) -> None:
         if self._timer is not None:
@@ -153,8 +160,11 @@ class TryTimeouts:
         current = now_ns() // self.SLOT_NS
         order = self._order
         while order and order[0] <= current:
-            for req in self._slots.pop(heapq.heappop(order), ()):
-                req.try_slot = 0
+            k = heapq.heappop(order)
+            if k == self.last_slot:
+                self.last_slot = 0
+            for req in self._slots.pop(k, ()):
+                req.try_due = None
                 # The downstream connection's protocol (its event handler's owner) runs the retry.
                 req.down.conn.handler.__self__.per_try_expired(req)
         if order:
@@ -452,8 +462,10 @@ class DownstreamProtocol(H2Protocol):
         req.tried.append(req.endpoint)
         req.index = -1
         req.up = None
-        if req.try_slot:
-            self.worker.try_timeouts.remove(req)
+        due = req.try_due
+        if due is not None:
+            due.discard(req)
+            req.try_due = None
 
     def _redispatch(self, s: h2.Stream) -> None:
         # The core took the request back (EV_RETRY): the upstream never processed
@@ -503,14 +515,22 @@ class DownstreamProtocol(H2Protocol):
             if timeout_ns <= 0:
                 expire(req)
                 return
-        policy = route.retry
-        per_try = policy.per_try_ns if policy is not None else 0
-        if per_try and (timeout_ns < 0 or per_try < timeout_ns):
-            timeout_ns = per_try
         up = c.open_forward(s, route.authority_rewrite, route.rewrite_path(s.path), timeout_ns)
         req.up = up
-        if per_try:
-            self.worker.try_timeouts.add(req, now_ns() + per_try)
+        policy = route.retry
+        if policy is not None and policy.per_try_ns:
+            # The per-try timeout is ours alone (the upstream's grpc-timeout is the time left, as
+            # Envoy sends it): formatting one more header per attempt cost more than the timer.
+            # A first attempt starts when the request came in (no clock read on the common path).
+            start = req.start_ns if req.tried is None and not req.redispatched else now_ns()
+            tt = self.worker.try_timeouts
+            due = start + policy.per_try_ns
+            if due // tt.SLOT_NS + 1 == tt.last_slot:
+                # TryTimeouts.add's common case, inline: under load most attempts share a slot.
+                tt.last.add(req)
+                req.try_due = tt.last
+            else:
+                tt.add(req, due)
 
     def per_try_expired(self, req: Request) -> None:
         """The per-try timeout of ``req``'s attempt in flight: it covers the wait for response

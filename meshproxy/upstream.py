@@ -63,6 +63,7 @@ class Endpoint:
         "cluster",
         "connecting",
         "conns",
+        "failing",
         "host",
         "index",
         "labels",
@@ -81,6 +82,8 @@ class Endpoint:
         self.labels = labels
         self.index = -1  # in cluster.endpoints
         self.unhealthy = False  # active health checks' verdict (meshproxy.health)
+        # Outlier detection has seen a failure since the last success: the next success must be recorded.
+        self.failing = False
         # (subset, index in the subset's balancer) for each subset this endpoint is in.
         self.placements: list[tuple[Subset, int]] = []
         self.conns: list[UpstreamProtocol] = []
@@ -405,6 +408,7 @@ class Cluster:
         det = self.outlier
         if det is None or ep.cluster is not self or ep.index < 0:
             return
+        ep.failing = result != outlier.SUCCESS
         if det.record(ep.index, result, now_ns):
             self.state.ejections += 1
             self.refresh(ep)

@@ -336,8 +336,10 @@ class Worker:
             state.active_requests -= 1
             if req.retrying:
                 state.active_retries -= 1
-            if req.try_slot:
-                self.try_timeouts.remove(req)
+            due = req.try_due
+            if due is not None:
+                due.discard(req)
+                req.try_due = None
             up = req.up
             ep = req.endpoint
             if ep is not None and ep.waiters:
@@ -353,18 +355,16 @@ class Worker:
                 else:
                     t = now_ns()
                     subset.finish(req.index, t - req.start_ns, t)
-            if ep is not None and up is not None and ep.cluster.outlier is not None:
-                cluster = ep.cluster
+            if ep is not None and up is not None:
                 if up.recv_headers:
                     status, grpc = up.status, up.grpc_status
-                    if status < 500 and grpc <= 0:
-                        # The common case, straight to the detector: a success only ends runs.
-                        if ep.index >= 0:
-                            cluster.outlier.record(ep.index, SUCCESS, up.t_response_ns)
-                    else:
-                        cluster.record(ep, outcome(status, grpc), up.t_response_ns)
+                    if status >= 500 or grpc > 0:
+                        ep.cluster.record(ep, outcome(status, grpc), up.t_response_ns)
+                    elif ep.failing:
+                        # A success ends the endpoint's runs of failures (and costs nothing otherwise).
+                        ep.cluster.record(ep, SUCCESS, up.t_response_ns)
                 elif up.closed_remote_reset or up.conn.terminated:
-                    cluster.record(ep, outlier.LOCAL_ORIGIN_FAILURE, now_ns())
+                    ep.cluster.record(ep, outlier.LOCAL_ORIGIN_FAILURE, now_ns())
                 # Otherwise the downstream gave up (or its deadline passed): not the endpoint's doing.
         for hook in self.on_complete:
             hook(req)
