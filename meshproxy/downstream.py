@@ -521,10 +521,9 @@ class DownstreamProtocol(H2Protocol):
         if policy is not None and policy.per_try_ns:
             # The per-try timeout is ours alone (the upstream's grpc-timeout is the time left, as
             # Envoy sends it): formatting one more header per attempt cost more than the timer.
-            # A first attempt starts when the request came in (no clock read on the common path).
-            start = req.start_ns if req.tried is None and not req.redispatched else now_ns()
+            # The attempt started when the core opened its stream (no clock read here).
             tt = self.worker.try_timeouts
-            due = start + policy.per_try_ns
+            due = up.t_open_ns + policy.per_try_ns
             if due // tt.SLOT_NS + 1 == tt.last_slot:
                 # TryTimeouts.add's common case, inline: under load most attempts share a slot.
                 tt.last.add(req)
