@@ -12,7 +12,9 @@ What a pod gets (the shapes Istio's injector gives, with our names and ports):
   The annotation ``sidecar.meshproxy.io/nativeSidecar: "false"`` makes it a classic container, first in the
   list, whose postStart hook waits for readiness (the kubelet starts the next container only once postStart
   returns: Istio's holdApplicationUntilProxyStarts) and whose preStop sleeps 5 s, so the app gets SIGTERM and
-  drains while the proxy still serves (Linkerd's proxy-wait-before-exit).
+  drains while the proxy still serves (Linkerd's proxy-wait-before-exit). A classic-mode Job's app, its
+  work done, lets the pod complete with ``curl -fsS -X POST http://127.0.0.1:15021/quitquitquit`` (the
+  sidecar drains and exits 0; ``meshproxy.ready``).
 - the downward-API environment (POD_NAME, POD_NAMESPACE, POD_IP, SERVICE_ACCOUNT, NODE_NAME), a projected
   service-account token for audience ``meshproxy`` (the identity the control plane signs certificates for),
   resources from annotations, and readiness on :15021.

@@ -21,7 +21,9 @@ transparent: it takes the connections iptables redirected and routes them by
 their original destination. ``--inbound-listen ADDR`` adds the transparent
 listener ``inbound`` to the local app (Istio's 15006). ``--ready ADDR``
 answers the kubelet's probes: ``/ready`` (200 once a config is in force and
-its listeners accept; 503 before and while draining) and ``/healthz``.
+its listeners accept; 503 before and while draining) and ``/healthz``, the
+app's rewritten probes under ``/app-health/`` and ``POST /quitquitquit`` (a
+drain, as SIGTERM): see ``meshproxy.ready``.
 
 ``--concurrency N`` forks N workers sharing the listeners with SO_REUSEPORT
 (with a control plane, each worker holds its own stream, as worker 0..N-1).
@@ -48,6 +50,7 @@ import re
 import signal
 import socket
 import sys
+from functools import partial
 from typing import Any
 
 from meshproxy import iptables
@@ -185,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--ready",
         metavar="ADDR",
         type=bind_address,
-        help="answer the kubelet's probes GET /ready and /healthz on this address (e.g. 0.0.0.0:15021)",
+        help="answer the kubelet's probes GET /ready, /healthz, /app-health/... and POST /quitquitquit"
+        " on this address (e.g. 0.0.0.0:15021)",
     )
     run.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     wait = sub.add_parser(
@@ -306,8 +310,12 @@ def _run_worker(cfg: Any, args: argparse.Namespace, index: int = 0, node: Any = 
         if args.ready:
             from meshproxy import ready
 
+            # POST /quitquitquit drains as SIGTERM does: this worker, or every worker through the supervisor
+            shutdown = worker.drain if args.concurrency == 1 else partial(os.kill, os.getppid(), signal.SIGTERM)
             loop.run_until_complete(
-                ready.serve(parse_address(args.ready, listener=True), lambda: worker.ready, lambda: worker.draining)
+                ready.serve(
+                    parse_address(args.ready, listener=True), lambda: worker.ready, lambda: worker.draining, shutdown
+                )
             )
         loop.run_until_complete(worker.start())
     except OSError as e:

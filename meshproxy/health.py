@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from meshproxy.upstream import Endpoint
     from meshproxy.worker import Runtime
 
-__all__ = ["SERVING", "HealthChecker", "check_request", "serving_status"]
+__all__ = ["SERVING", "HealthChecker", "check_request", "grpc_health_check", "serving_status"]
 
 log = logging.getLogger("meshproxy.health")
 
@@ -72,6 +72,67 @@ def serving_status(message: bytes) -> int:
         if i > n:
             raise ValueError("truncated")
     return status
+
+
+async def _exchange(
+    conn: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, authority: str, service: str
+) -> tuple[bool, str]:
+    """One Health/Check on an open HTTP/2 connection: (SERVING, why not). Raises OSError, ValueError, H2Error."""
+    headers = [
+        (b":method", b"POST"),
+        (b":scheme", b"http"),
+        (b":path", CHECK_PATH),
+        (b":authority", authority.encode()),
+        (b"content-type", b"application/grpc"),
+        (b"te", b"trailers"),
+    ]
+    stream = conn.open_stream(headers)
+    conn.send_data(stream, grpc_frame(check_request(service)), True)
+    writer.write(conn.data_to_send())
+    messages = MessageReader()
+    got: list[bytes] = []
+    while not (stream.recv_end or stream.state == "closed"):
+        data = await reader.read(65536)
+        if not data:
+            raise ConnectionError("the endpoint closed the connection")
+        for ev in conn.receive(data) or ():
+            if ev[0] == h2.EV_DATA and ev[1] is stream:
+                got += messages.feed(ev[2])
+        out = conn.data_to_send()
+        if out:
+            writer.write(out)
+        if conn.terminated:
+            raise ConnectionError("HTTP/2 connection error")
+    if stream.closed_remote_reset:
+        return False, f"the check was reset (error code {stream.error_code})"
+    if stream.status != 200:
+        return False, f"HTTP status {stream.status}"
+    if stream.grpc_status != 0:
+        return False, f"grpc-status {stream.grpc_status}"
+    status = serving_status(got[-1]) if got else 0
+    if status != SERVING:
+        return False, f"serving status {status}"
+    return True, ""
+
+
+async def grpc_health_check(host: str, port: int, service: str, timeout: float) -> tuple[bool, str]:
+    """One ``grpc.health.v1.Health/Check`` of ``service`` at host:port on a connection of its own, closed
+    after: (SERVING, why not), never raising (the kubelet's gRPC probe, for ``meshproxy.ready``)."""
+    writer: asyncio.StreamWriter | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(host, port)
+            conn = h2.H2Connection(True)
+            conn.initiate()
+            authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            return await _exchange(conn, reader, writer, authority, service)
+    except TimeoutError:
+        return False, f"no answer within {timeout:g}s"
+    except (OSError, ValueError, H2Error) as e:  # FramingError is a ValueError
+        return False, str(e) or type(e).__name__
+    finally:
+        if writer is not None:
+            writer.close()
 
 
 class _Settings:
@@ -155,42 +216,7 @@ class _Check:
             self.reader, self.writer = await asyncio.open_connection(ep.host, ep.port)
             self.conn = h2.H2Connection(True)
             self.conn.initiate()
-        conn = self.conn
-        headers = [
-            (b":method", b"POST"),
-            (b":scheme", b"http"),
-            (b":path", CHECK_PATH),
-            (b":authority", ep.address.encode()),
-            (b"content-type", b"application/grpc"),
-            (b"te", b"trailers"),
-        ]
-        stream = conn.open_stream(headers)
-        conn.send_data(stream, grpc_frame(check_request(self.settings.service)), True)
-        self.writer.write(conn.data_to_send())
-        messages = MessageReader()
-        got: list[bytes] = []
-        while not (stream.recv_end or stream.state == "closed"):
-            data = await self.reader.read(65536)
-            if not data:
-                raise ConnectionError("the endpoint closed the connection")
-            for ev in conn.receive(data) or ():
-                if ev[0] == h2.EV_DATA and ev[1] is stream:
-                    got += messages.feed(ev[2])
-            out = conn.data_to_send()
-            if out:
-                self.writer.write(out)
-            if conn.terminated:
-                raise ConnectionError("HTTP/2 connection error")
-        if stream.closed_remote_reset:
-            return False, f"the check was reset (error code {stream.error_code})"
-        if stream.status != 200:
-            return False, f"HTTP status {stream.status}"
-        if stream.grpc_status != 0:
-            return False, f"grpc-status {stream.grpc_status}"
-        status = serving_status(got[-1]) if got else 0
-        if status != SERVING:
-            return False, f"serving status {status}"
-        return True, ""
+        return await _exchange(self.conn, self.reader, self.writer, ep.address, self.settings.service)
 
     def _disconnect(self) -> None:
         if self.writer is not None:
