@@ -144,9 +144,13 @@ class Runtime:
                     self.route_budgets[key] = policy.budget
         self.clusters = {c.name: Cluster(c, reuse.get(c.name), states.get(c.name), now) for c in config.clusters}
         self.listener_settings = {ls.name: _listener_settings(ls) for ls in config.listeners}
-        # Seconds between the worker's sweeps: 1, or the shortest outlier-detection interval (at least 0.05).
+        # Seconds between the worker's sweeps: 1, or a quarter of the shortest outlier-detection
+        # interval (at least 0.05). An ejected endpoint comes back at the first sweep after its
+        # time, and the time until then counts towards the healthy interval that lowers its
+        # ejection multiplier: a sweep as slow as the interval would lower it before the endpoint
+        # had served anything, and repeated ejections would never grow.
         self.sweep_interval = min(
-            [1.0] + [max(0.05, c.state.detector_args["interval_ns"] / 1e9) for c in self.clusters.values() if c.outlier]
+            [1.0] + [max(0.05, c.state.detector_args["interval_ns"] / 4e9) for c in self.clusters.values() if c.outlier]
         )
         # (connection idle timeout in s, stream idle timeout in ns); 0: none.
         self.listener_timeouts = {
