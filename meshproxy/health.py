@@ -26,6 +26,7 @@ import logging
 import random
 from typing import TYPE_CHECKING, Any
 
+from meshproxy.config import field_s
 from meshproxy.conn import h2conn as h2
 from meshproxy.errors import H2Error
 from meshproxy.wire import MessageReader, grpc_frame, read_varint, varint
@@ -139,21 +140,14 @@ class _Settings:
     __slots__ = ("healthy", "interval", "service", "timeout", "unhealthy")
 
     def __init__(self, msg: Any) -> None:
-        self.interval = _seconds(msg, "interval", 10.0)
-        self.timeout = _seconds(msg, "timeout", 1.0)
+        self.interval = field_s(msg, "interval", 10.0)
+        self.timeout = field_s(msg, "timeout", 1.0)
         self.unhealthy = msg.unhealthy_threshold or 3
         self.healthy = msg.healthy_threshold or 2
         self.service = msg.grpc_service_name
 
     def key(self) -> tuple:
         return (self.interval, self.timeout, self.unhealthy, self.healthy, self.service)
-
-
-def _seconds(msg: Any, field: str, default: float) -> float:
-    if not msg.HasField(field):
-        return default
-    d = getattr(msg, field)
-    return d.seconds + d.nanos / 1e9
 
 
 class _Check:

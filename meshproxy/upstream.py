@@ -32,7 +32,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from meshproxy.config import parse_address
+from meshproxy.config import connect_timeout_s, field_ns, idle_timeout_s, parse_address
 from meshproxy.conn import h2conn as h2
 from meshproxy.lb import balancer
 from meshproxy.resilience import outlier
@@ -257,6 +257,8 @@ class Subset:
             self.lb.finish(i)
 
 
+S = 1_000_000_000  # a second in ns
+
 # meshproxy.v1.Cluster.LbPolicy values
 PEAK_EWMA, ROUND_ROBIN, RANDOM, LEAST_REQUEST, RING_HASH = range(5)
 
@@ -324,8 +326,8 @@ class Cluster:
         self.name = msg.name
         self.state = state = state if state is not None else ClusterState()
         self.hash_header = msg.hash_header.lower().encode() if msg.hash_header else None
-        self.connect_timeout = _seconds(msg, "connect_timeout", 1.0)
-        self.idle_timeout = _seconds(msg, "idle_timeout", 300.0)
+        self.connect_timeout = connect_timeout_s(msg)
+        self.idle_timeout = idle_timeout_s(msg)
         self.max_concurrent_streams = msg.max_concurrent_streams_per_connection or 100
         self.max_connections = msg.max_connections_per_endpoint or 0
         cb = msg.circuit_breakers
@@ -374,7 +376,7 @@ class Cluster:
                 self.refresh(ep)
 
     def _outlier(self, od: Any, old_index: dict[str, int]) -> None:
-        base = _ns(od, "base_ejection_time", 30.0)
+        base = field_ns(od, "base_ejection_time", 30 * S)
         args = {
             "consecutive_5xx": od.consecutive_5xx if od.HasField("consecutive_5xx") else 5,
             "consecutive_gateway_errors": od.consecutive_gateway_errors,
@@ -382,10 +384,10 @@ class Cluster:
                 od.consecutive_local_origin_failures if od.HasField("consecutive_local_origin_failures") else 5
             ),
             "split_external_local_origin_errors": od.split_external_local_origin_errors,
-            "interval_ns": _ns(od, "interval", 10.0),
+            "interval_ns": field_ns(od, "interval", 10 * S),
             "base_ejection_time_ns": base,
             # Unset: 300s or the base time, whichever is larger (Envoy's).
-            "max_ejection_time_ns": _ns(od, "max_ejection_time", max(300.0, base / 1e9)),
+            "max_ejection_time_ns": field_ns(od, "max_ejection_time", max(300 * S, base)),
             "max_ejection_percent": od.max_ejection_percent if od.HasField("max_ejection_percent") else 10,
         }
         state = self.state
@@ -441,20 +443,6 @@ class Cluster:
 
     def __repr__(self) -> str:
         return f"<Cluster {self.name} endpoints={len(self.endpoints)} subsets={sorted(self.subsets)}>"
-
-
-def _ns(msg: Any, field: str, default_s: float) -> int:
-    if not msg.HasField(field):
-        return int(default_s * 1e9)
-    d = getattr(msg, field)
-    return d.seconds * 1_000_000_000 + d.nanos
-
-
-def _seconds(msg: Any, field: str, default: float) -> float:
-    if not msg.HasField(field):
-        return default
-    d = getattr(msg, field)
-    return d.seconds + d.nanos / 1e9
 
 
 class UpstreamProtocol(H2Protocol):

@@ -40,7 +40,7 @@ from collections.abc import Callable
 from typing import Any
 
 from meshproxy import transparent
-from meshproxy.config import ConfigError, parse_address, validate
+from meshproxy.config import ConfigError, field_ns, field_s, parse_address, validate
 from meshproxy.conn import h2conn as h2
 from meshproxy.downstream import Deadlines, DownstreamProtocol, Request, TryTimeouts
 from meshproxy.health import HealthChecker
@@ -154,7 +154,7 @@ class Runtime:
         )
         # (connection idle timeout in s, stream idle timeout in ns); 0: none.
         self.listener_timeouts = {
-            ls.name: (_seconds(ls, "idle_timeout", 3600.0), int(_seconds(ls, "stream_idle_timeout", 300.0) * 1e9))
+            ls.name: (field_s(ls, "idle_timeout", 3600.0), field_ns(ls, "stream_idle_timeout", 300 * 1_000_000_000))
             for ls in config.listeners
         }
         # Transparent listeners: how a redirected connection finds its cluster, and the local
@@ -165,13 +165,6 @@ class Runtime:
             for listener, port in previous.local_ports:
                 if listener in self.transparent.modes:
                     transparent.install_local(self, listener, port, reuse, states, now)
-
-
-def _seconds(msg: Any, field: str, default: float) -> float:
-    if not msg.HasField(field):
-        return default
-    d = getattr(msg, field)
-    return d.seconds + d.nanos / 1e9
 
 
 def _bind(address: str) -> socket.socket:

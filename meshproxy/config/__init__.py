@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 from google.protobuf import json_format
 
-from meshproxy.config._checks import Domain, duration_s, parse_address, parse_domain, validate
+from meshproxy.config._checks import Domain, duration_s, field_ns, field_s, parse_address, parse_domain, validate
 from meshproxy.config._error import ConfigError
 from meshproxy.config._shape import check_shape
 from meshproxy.config.v1.config_pb2 import (
@@ -73,6 +73,8 @@ __all__ = [
     "to_dict",
     "to_yaml",
     "validate",
+    "field_ns",
+    "field_s",
 ]
 
 DEFAULT_CONNECT_TIMEOUT_S = 1.0

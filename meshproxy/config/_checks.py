@@ -135,6 +135,19 @@ def duration_s(d: object) -> float:
     return d.seconds + d.nanos / 1e9
 
 
+def field_s(msg: object, field: str, default: float) -> float:
+    """``msg.field`` (a Duration) in seconds, or ``default`` when unset."""
+    return duration_s(getattr(msg, field)) if msg.HasField(field) else default
+
+
+def field_ns(msg: object, field: str, default: int) -> int:
+    """``msg.field`` (a Duration) in nanoseconds, or ``default`` when unset."""
+    if not msg.HasField(field):
+        return default
+    d = getattr(msg, field)
+    return d.seconds * 1_000_000_000 + d.nanos
+
+
 def _duration(msg: object, field: str, path: str, *, positive: bool = False) -> int | None:
     """Check ``msg.field`` (a Duration) if set; its length in nanoseconds, or None when unset."""
     if not msg.HasField(field):

@@ -30,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from meshproxy.config import field_ns
 from meshproxy.conn import h2conn as h2
 from meshproxy.resilience import budget, outlier
 
@@ -83,13 +84,6 @@ def outcome(status: int, grpc_status: int) -> int:
     return outlier.ERROR_5XX
 
 
-def _duration_ns(msg: Any, field: str, default: int) -> int:
-    if not msg.HasField(field):
-        return default
-    d = getattr(msg, field)
-    return d.seconds * _NS + d.nanos
-
-
 class RetryPolicy:
     """One route's retries: ``num_retries``, ``per_try_ns`` (0: none), the backoff, the conditions
     (``retry_on``, a compiled ``RetryOn`` once ``bind`` gave it the hook) and the route's own
@@ -109,9 +103,9 @@ class RetryPolicy:
 
     def __init__(self, msg: Any) -> None:
         self.num_retries = msg.num_retries
-        self.per_try_ns = _duration_ns(msg, "per_try_timeout", 0)
-        self.backoff_base_ns = _duration_ns(msg, "base_interval", 25_000_000)
-        self.backoff_max_ns = _duration_ns(msg, "max_interval", 10 * self.backoff_base_ns)
+        self.per_try_ns = field_ns(msg, "per_try_timeout", 0)
+        self.backoff_base_ns = field_ns(msg, "base_interval", 25_000_000)
+        self.backoff_max_ns = field_ns(msg, "max_interval", 10 * self.backoff_base_ns)
         on_5xx = on_gateway = on_reset = False
         statuses: set[int] = set()
         grpc: set[int] = set()
@@ -156,7 +150,7 @@ DEFAULT_BUDGET = (10 * _NS, 10, 0.2)
 
 def budget_args(msg: Any) -> tuple[int, int, float]:
     """``meshproxy.v1.RetryBudget`` -> (ttl_ns, min_per_second, retry_ratio), unset fields at Linkerd's defaults."""
-    ttl = _duration_ns(msg, "ttl", DEFAULT_BUDGET[0])
+    ttl = field_ns(msg, "ttl", DEFAULT_BUDGET[0])
     per_second = msg.min_retries_per_second if msg.HasField("min_retries_per_second") else DEFAULT_BUDGET[1]
     return ttl, per_second, msg.retry_ratio or DEFAULT_BUDGET[2]
 
@@ -177,7 +171,7 @@ class FaultPolicy:
         self.delay_pct = 0.0
         if msg.HasField("delay"):
             d = msg.delay
-            self.delay_ns = _duration_ns(d, "fixed_delay", 0)
+            self.delay_ns = field_ns(d, "fixed_delay", 0)
             self.delay_pct = d.percentage if d.HasField("percentage") else 100.0
         self.abort_pct = 0.0
         self.abort_http: int | None = None
