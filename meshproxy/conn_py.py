@@ -24,6 +24,12 @@ cross from one to the other here, without events. DATA goes to the peer
 connection's send buffer while the peer's windows allow, the rest waits in
 the stream, and the sender gets WINDOW_UPDATE only as bytes actually leave.
 
+For telemetry the core also counts gRPC messages on DATA
+(``grpc_msgs_recv``), records the status and grpc-status a server-role
+stream actually sent, and, per ``trace_mode``, reads, ensures or re-parents
+the W3C ``traceparent`` a forwarded request carries (the Stream's trace
+fields say what it did); one ``RequestStats.record`` per request reads it all.
+
 Where this twin departs from the compiled one, a comment says ``BUG (compiled):``;
 each such case has an xfail test in tests/conn_twin/test_differential.py.
 """
@@ -352,6 +358,7 @@ class Stream:
         "_data_recv",
         "_data_sent",
         "_error_code",  # RST_STREAM code sent or received, -1 none
+        "_grpc_msgs_recv",  # gRPC messages whose 5-byte prefix arrived in DATA (is_grpc only)
         "_grpc_status",
         "_grpc_timeout_ns",
         "_head",
@@ -363,12 +370,16 @@ class Stream:
         "_id",
         "_is_grpc",
         "_method",
+        "_msg_left",  # bytes of the current gRPC message's body still to come
+        "_msg_len",  # the length prefix read so far
         "_notify_close",  # emit EV_CLOSED for this stream
+        "_parent_span_id",
         "_path",
         "_peer",
         "_pending",  # DATA waiting for the send window (bytearray or None)
         "_pending_end",
         "_pending_trailers",
+        "_prefix_have",  # bytes of the 5-byte prefix read so far
         "_recv_end",
         "_recv_headers",  # the first non-informational header block is in
         "_recv_unacked",
@@ -381,14 +392,20 @@ class Stream:
         "_reset_after_end",  # RST_STREAM NO_ERROR once our END_STREAM is out (§8.1)
         "_response_flags",  # Envoy-style flags set by the core (UR, UC), None otherwise
         "_retry",  # server role: when to offer a failed attempt to retry.hook (RetryOn or None)
+        "_sampled",
         "_scheme",
         "_send_window",
         "_sent_end",
         "_sent_headers",
+        "_span_id",
         "_state",
         "_status",
         "_t_open_ns",
         "_t_response_ns",
+        "_trace_done",  # open_forward worked out _trace_out (a retry reuses it)
+        "_trace_id",
+        "_trace_in",  # an incoming traceparent: 0 none, 1 invalid or repeated, 2 + flags: valid
+        "_trace_out",  # the traceparent value sent upstream; None: the incoming one unchanged
         "_trailers",
         "_unprocessed",  # refused or above a GOAWAY's last stream id: safe to retry
         "user",  # the Python layer's attachment (route, completion record)
@@ -421,6 +438,11 @@ class Stream:
     data_sent = _readonly("data_sent")
     t_open_ns = _readonly("t_open_ns")
     t_response_ns = _readonly("t_response_ns")
+    grpc_msgs_recv = _readonly("grpc_msgs_recv")
+    trace_id = _readonly("trace_id")
+    span_id = _readonly("span_id")
+    parent_span_id = _readonly("parent_span_id")
+    sampled = _readonly("sampled")
     attempts = _readonly("attempts")
     send_window = _readonly("send_window")
     recv_window = _readonly("recv_window")
@@ -450,6 +472,13 @@ class Stream:
         s._data_recv = s._data_sent = 0
         s._t_open_ns = monotonic_ns()
         s._t_response_ns = 0
+        s._grpc_msgs_recv = 0
+        s._msg_left = s._msg_len = s._prefix_have = 0
+        s._trace_id = s._span_id = s._parent_span_id = b""
+        s._sampled = False
+        s._trace_in = 0
+        s._trace_done = False
+        s._trace_out = None
         s._send_window = c._remote_initial_window
         s._recv_window = c._local_initial_window
         s._recv_unacked = 0
@@ -598,8 +627,13 @@ def _check_fields(s: Stream, headers: list, kind: int) -> str | None:
             if kind != 2 and value.startswith(b"application/grpc"):
                 s._is_grpc = True
         elif name == b"grpc-status":
-            v = _parse_uint(value)
-            s._grpc_status = v if 0 <= v <= INT32_MAX else 2  # garbage is UNKNOWN, as gRPC reads it
+            # A server-role stream's grpc_status is what we send, not what the client says.
+            if s._conn._client:
+                v = _parse_uint(value)
+                s._grpc_status = v if 0 <= v <= INT32_MAX else 2  # garbage is UNKNOWN, as gRPC reads it
+        elif name == b"traceparent":
+            if kind == 0:
+                _parse_traceparent(s, value)
         elif name == b"grpc-timeout":
             if kind == 0:
                 s._grpc_timeout_ns = parse_grpc_timeout(value)
@@ -702,6 +736,8 @@ class H2Connection:
         "_streams",
         "_streams_total",
         "_terminated",
+        "_trace_mode",
+        "_trace_sampling",
         "_write_paused",
         "handler",
         "writer",
@@ -815,6 +851,39 @@ class H2Connection:
         self._rid_state = int.from_bytes(os.urandom(8), "little")
         self._header_table_size = header_table_size
         self._self_dependent = False
+        self._trace_mode = 0
+        self._trace_sampling = 1.0
+
+    @property
+    def trace_mode(self) -> int:
+        """Server role: what open_forward does with W3C trace context (the Stream trace fields say what it did).
+
+        0: nothing (an incoming ``traceparent`` passes untouched, and still fills ``trace_id``); 1: a request
+        without a valid ``traceparent`` gets one (trace id from ``x-b3-traceid`` if any, else random); 2: as 1,
+        and a valid incoming one gets the proxy's own span id as its parent-id. ``tracestate`` and B3 headers
+        always pass unchanged.
+        """
+        return self._trace_mode
+
+    @trace_mode.setter
+    def trace_mode(self, value) -> None:
+        if not isinstance(value, int) or value not in (0, 1, 2):
+            raise ValueError(f"trace_mode must be 0, 1 or 2, not {value!r}")
+        self._trace_mode = int(value)
+
+    @property
+    def trace_sampling(self) -> float:
+        """The share of the traces this connection starts that are marked sampled (0..1)."""
+        return self._trace_sampling
+
+    @trace_sampling.setter
+    def trace_sampling(self, value) -> None:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"trace_sampling must be a number, not {type(value).__name__}")
+        v = float(value)
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"trace_sampling must be in [0, 1], not {value!r}")
+        self._trace_sampling = v
 
     # -- what Python reads ---------------------------------------------------------------------
 
@@ -1079,6 +1148,8 @@ class H2Connection:
             self._stream_error(s, E_PROTOCOL_ERROR)
             return
         body = p[1 : 1 + n] if flags & FLAG_PADDED else p
+        if s._is_grpc and n:
+            _count_messages(s, body)
         if s._peer is not None:
             _send_data(s._peer, body, end, s)
         elif s._hold:
@@ -1425,6 +1496,9 @@ class H2Connection:
         if not self._may_open():
             raise ValueError("no new stream can be opened on this connection")
         out = []
+        mode = src._conn._trace_mode
+        tp_at = -1
+        b3_trace = b3_sampled = b3_flags = None
         for h in src._headers:
             name = h[0]
             if name[0] == 0x3A:
@@ -1438,12 +1512,31 @@ class H2Connection:
                 continue
             if name == b"host" and authority is not None:
                 continue
+            if mode:
+                if name == b"traceparent":
+                    if tp_at >= 0:
+                        continue  # repeated: it was invalid anyway, and the first one is replaced
+                    tp_at = len(out)
+                elif name == b"x-b3-traceid":
+                    b3_trace = h[1]
+                elif name == b"x-b3-sampled":
+                    b3_sampled = h[1]
+                elif name == b"x-b3-flags":
+                    b3_flags = h[1]
             out.append(h)
         if timeout_ns >= 0 and src._is_grpc:
             out.append((b"grpc-timeout", format_grpc_timeout(_int64(timeout_ns))))
         if src._request_id is None and src._conn._generate_request_id:
             src._request_id = self._make_request_id()
             out.append((b"x-request-id", src._request_id))
+        if mode:
+            if not src._trace_done:
+                _trace(src, mode, b3_trace, b3_sampled, b3_flags)
+            if src._trace_out is not None:
+                if tp_at >= 0:
+                    out[tp_at] = (b"traceparent", src._trace_out)
+                else:
+                    out.append((b"traceparent", src._trace_out))
         s = Stream._new(self, self._next_stream_id)
         self._next_stream_id += 2
         self._open_local += 1
@@ -1456,12 +1549,15 @@ class H2Connection:
         _release_held(src)
         return s
 
+    def _random64(self) -> int:
+        # The connection's splitmix64 generator, seeded from os.urandom (request ids, trace and span ids).
+        self._rid_state = (self._rid_state + 0x9E3779B97F4A7C15) & UINT64
+        return _mix(self._rid_state)
+
     def _make_request_id(self) -> bytes:
-        # A version-4 UUID from the connection's splitmix64 generator, seeded from os.urandom.
-        self._rid_state = (self._rid_state + 0x9E3779B97F4A7C15) & UINT64
-        a = _mix(self._rid_state)
-        self._rid_state = (self._rid_state + 0x9E3779B97F4A7C15) & UINT64
-        b = _mix(self._rid_state)
+        # A version-4 UUID from the connection's generator.
+        a = self._random64()
+        b = self._random64()
         a = (a & 0xFFFFFFFFFFFF0FFF) | 0x4000
         b = (b & 0x3FFFFFFFFFFFFFFF) | 0x8000000000000000
         return b"%08x-%04x-%04x-%04x-%012x" % (a >> 32, (a >> 16) & 0xFFFF, a & 0xFFFF, b >> 48, b & 0xFFFFFFFFFFFF)
@@ -1915,6 +2011,147 @@ def _peer_reset(dst: Stream, src: Stream) -> None:
     _mark(c)
 
 
+# -- telemetry: what the core notes for metrics, logs and traces -------------------------------------
+
+
+def _count_messages(s: Stream, p) -> None:
+    """Count the gRPC messages whose 5-byte prefix (flag, 4-byte length) completes in ``p``.
+
+    Prefixes and bodies may span DATA frames: the stream keeps where it is.
+    """
+    i, n = 0, len(p)
+    while i < n:
+        if s._msg_left:
+            take = min(n - i, s._msg_left)
+            s._msg_left -= take
+            i += take
+            continue
+        if not s._prefix_have and n - i >= 5:
+            # the common case: a whole prefix in this frame
+            s._grpc_msgs_recv += 1
+            s._msg_left = int.from_bytes(p[i + 1 : i + 5], "big")
+            i += 5
+            continue
+        if s._prefix_have:
+            s._msg_len = (s._msg_len << 8) | p[i]  # bytes 1-4: the length, big-endian
+        s._prefix_have += 1
+        i += 1
+        if s._prefix_have == 5:
+            s._grpc_msgs_recv += 1
+            s._msg_left = s._msg_len
+            s._msg_len = 0
+            s._prefix_have = 0
+
+
+def _note_sent(s: Stream, headers: list, end_stream: bool) -> None:
+    """Server role: record the final :status and the grpc-status of what goes downstream.
+
+    Only (bytes, bytes) pairs are read (the encoder also takes str, which this never sees from the proxy).
+    """
+    if not headers:
+        return
+    h = headers[0]
+    if isinstance(h, tuple) and len(h) == 2 and h[0] == b":status" and type(h[1]) is bytes and len(h[1]) == 3:
+        v = _parse_uint(h[1])
+        if v >= 200:  # a final status
+            s._status = v
+    if end_stream:
+        for h in headers:
+            if isinstance(h, tuple) and len(h) == 2 and h[0] == b"grpc-status" and type(h[1]) is bytes:
+                v = _parse_uint(h[1])
+                s._grpc_status = v if 0 <= v <= INT32_MAX else 2
+
+
+_LOWER_HEX = frozenset(b"0123456789abcdef")
+
+
+def _lower_hex(v: bytes, nonzero: bool) -> bool:
+    """``v`` is lowercase hex (W3C trace context allows no other), and not all zeros if ``nonzero``."""
+    return all(ch in _LOWER_HEX for ch in v) and (not nonzero or v.strip(b"0") != b"")
+
+
+def _parse_traceparent(s: Stream, value: bytes) -> None:
+    """An incoming ``traceparent`` (W3C trace context, "version-traceid-parentid-flags").
+
+    A valid one fills ``trace_id``, ``parent_span_id`` and ``sampled``; an invalid one (version ff, not
+    lowercase hex, an all-zero id, the wrong length) or a repeated one leaves them empty.
+    """
+    if s._trace_in:
+        s._trace_in = 1
+        s._trace_id = s._parent_span_id = b""
+        s._sampled = False
+        return
+    s._trace_in = 1
+    n = len(value)
+    if n < 55 or value[2] != 0x2D or value[35] != 0x2D or value[52] != 0x2D:
+        return
+    if not _lower_hex(value[0:2], False) or value[0:2] == b"ff":
+        return
+    if (n != 55 and value[0:2] == b"00") or (n > 55 and value[55] != 0x2D):
+        return  # version 00 is exactly 55 characters; a later version may add fields after a dash
+    if not (_lower_hex(value[3:35], True) and _lower_hex(value[36:52], True) and _lower_hex(value[53:55], False)):
+        return
+    flags = int(value[53:55], 16)
+    s._trace_in = 2 + flags
+    s._trace_id = value[3:35]
+    s._parent_span_id = value[36:52]
+    s._sampled = bool(flags & 1)
+
+
+def _b3_trace_id(value) -> bytes | None:
+    """``x-b3-traceid`` (16 or 32 hex digits, either case) as 32 lowercase hex, or None if unusable."""
+    if type(value) is not bytes or len(value) not in (16, 32):
+        return None
+    v = value.lower()
+    if not _lower_hex(v, True):
+        return None
+    return v.rjust(32, b"0")
+
+
+def _trace(src: Stream, mode: int, b3_trace, b3_sampled, b3_flags) -> None:
+    """Work out the trace context ``src``'s request carries upstream (trace_mode 1 or 2), once per request.
+
+    A valid incoming traceparent is kept (mode 1) or gets the proxy's span as its parent (mode 2); otherwise
+    a new one starts: the trace id from x-b3-traceid if usable, else random; sampled as x-b3-flags /
+    x-b3-sampled say, else with probability ``trace_sampling``.
+    """
+    c = src._conn
+    src._trace_done = True
+    if src._trace_in >= 2:
+        if mode == 1:
+            src._trace_out = None  # forwarded as it came
+            return
+        span = b"%016x" % (c._random64() or 1)
+        src._trace_out = b"00-%s-%s-%02x" % (src._trace_id, span, src._trace_in - 2)
+        src._span_id = span
+        return
+    tid = _b3_trace_id(b3_trace) if b3_trace is not None else None
+    if tid is None:
+        a = c._random64()
+        b = c._random64()
+        if a == 0 and b == 0:
+            b = 1  # never the invalid all-zero trace id
+        tid = b"%016x%016x" % (a, b)
+    span = b"%016x" % (c._random64() or 1)
+    if b3_flags == b"1":
+        sampled = True  # B3 debug
+    elif b3_sampled in (b"1", b"true"):
+        sampled = True
+    elif b3_sampled in (b"0", b"false"):
+        sampled = False
+    elif c._trace_sampling >= 1.0:
+        sampled = True
+    elif c._trace_sampling <= 0.0:
+        sampled = False
+    else:
+        sampled = (c._random64() >> 11) * (1.0 / 9007199254740992.0) < c._trace_sampling
+    src._trace_out = b"00-%s-%s-%s" % (tid, span, b"01" if sampled else b"00")
+    src._trace_id = tid
+    src._span_id = span
+    src._parent_span_id = b""
+    src._sampled = sampled
+
+
 def _informational(headers: list) -> bool:
     """Whether ``headers`` open with a 1xx ``:status``."""
     if not headers:
@@ -1951,6 +2188,8 @@ def _write_headers(s: Stream, headers: list, end_stream: bool) -> None:
     """HEADERS (and CONTINUATION frames past the peer's max frame size) carrying ``headers``."""
     c = s._conn
     block = c._encoder.encode(headers, True)
+    if not c._client:
+        _note_sent(s, headers, end_stream)
     n = len(block)
     maxf = c._remote_max_frame_size
     chunk = min(n, maxf)

@@ -1,7 +1,7 @@
 # The shape of the compiled HTTP/2 connection: streams, connections and the
 # outbox that batches their writes, for cimport by other compiled modules.
 
-from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 from meshproxy._fast.hpack cimport Decoder, Encoder
 
@@ -49,6 +49,9 @@ cdef class Stream:
     cdef readonly bytes path
     cdef readonly bytes authority
     cdef readonly bytes request_id
+    # Client role: the :status and grpc-status (trailers or trailers-only) received. Server role: what
+    # was SENT downstream: the final :status of the response headers (forwarded, respond() or
+    # send_headers), the grpc-status of the trailers or trailers-only headers; 0 / -1 until then.
     cdef readonly int status
     cdef readonly int grpc_status
     cdef readonly int64_t grpc_timeout_ns
@@ -57,6 +60,18 @@ cdef class Stream:
     cdef readonly int64_t data_sent
     cdef readonly int64_t t_open_ns
     cdef readonly int64_t t_response_ns
+    cdef readonly uint64_t grpc_msgs_recv  # gRPC messages whose 5-byte prefix arrived in DATA (is_grpc only)
+    cdef int64_t msg_left            # bytes of the current message's body still to come
+    cdef uint32_t msg_len            # the length prefix read so far
+    cdef uint8_t prefix_have         # bytes of the 5-byte prefix read so far
+    # Tracing (server role), set from an incoming traceparent and by open_forward (conn.trace_mode):
+    cdef readonly bytes trace_id     # 32 hex, b"" if none
+    cdef readonly bytes span_id      # the proxy's span id sent upstream as the parent-id, b"" if none
+    cdef readonly bytes parent_span_id  # the incoming traceparent's parent-id, b"" if none
+    cdef readonly bint sampled
+    cdef uint16_t trace_in           # an incoming traceparent: 0 none, 1 invalid or repeated, 2 + flags: valid
+    cdef bint trace_done             # open_forward worked out trace_out (a retry reuses it)
+    cdef bytes trace_out             # the traceparent value sent upstream, None: the incoming one unchanged
     cdef int64_t send_window
     cdef int64_t recv_window
     cdef int64_t recv_unacked
@@ -131,6 +146,8 @@ cdef class H2Connection:
     cdef readonly uint64_t streams_total
     cdef readonly uint64_t protocol_errors
     cdef uint64_t _rid_state
+    cdef int _trace_mode             # 0 off, 1 ensure a traceparent, 2 ensure + the proxy's child span
+    cdef double _trace_sampling      # the share of traces we start that are marked sampled
     cdef object _header_table_size
     cdef bint _self_dependent
 

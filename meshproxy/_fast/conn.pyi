@@ -76,6 +76,11 @@ class Stream:
     data_sent: int
     t_open_ns: int
     t_response_ns: int
+    grpc_msgs_recv: int
+    trace_id: bytes
+    span_id: bytes
+    parent_span_id: bytes
+    sampled: bool
     attempts: int
     retry: RetryOn | None
     @property
@@ -117,6 +122,8 @@ class H2Connection:
     hold_new: bool
     stream_limit: int
     generate_request_id: bool
+    trace_mode: int
+    trace_sampling: float
     streams_total: int
     protocol_errors: int
     def __init__(

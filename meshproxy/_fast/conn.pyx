@@ -21,12 +21,19 @@ buffer while the peer's windows allow; the rest waits in the stream, and the
 sender gets WINDOW_UPDATE only as bytes actually leave, so a slow reader
 backs up to the writer and memory per stream stays within the window we
 advertise.
+
+For telemetry the core also counts gRPC messages on DATA
+(``grpc_msgs_recv``), records the status and grpc-status a server-role
+stream actually sent, and, per ``trace_mode``, reads, ensures or re-parents
+the W3C ``traceparent`` a forwarded request carries (the Stream's trace
+fields say what it did); one ``RequestStats.record`` per request reads it all.
 """
 
 cimport cython
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.tuple cimport PyTuple_GET_SIZE
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memmove
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
@@ -95,6 +102,8 @@ cdef enum:
     E_ENHANCE_YOUR_CALM = 0xB
 
 cdef const char* _HEX = b"0123456789abcdef"
+cdef bytes EMPTY = b""
+cdef bytes H_TRACEPARENT = b"traceparent"
 cdef bytes PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 cdef bytes SHUTDOWN_PING = b"meshdown"
 
@@ -298,6 +307,7 @@ cdef Stream _new_stream(H2Connection c, uint32_t sid):
     s.send_window = c.remote_initial_window
     s.recv_window = c.local_initial_window
     s.t_open_ns = _now()
+    s.trace_id = s.span_id = s.parent_span_id = EMPTY
     c.streams[sid] = s
     c.streams_total += 1
     return s
@@ -414,8 +424,12 @@ cdef str _check_fields(Stream s, list headers, int kind):
                 return f"connection-specific header {name!r}"
         elif n == 11:
             if memcmp(q, b"grpc-status", 11) == 0:
-                cl = _parse_uint(value)
-                s.grpc_status = <int>cl if 0 <= cl <= 0x7FFFFFFF else 2  # garbage is UNKNOWN, as gRPC reads it
+                # A server-role stream's grpc_status is what we send, not what the client says.
+                if s.conn.client:
+                    cl = _parse_uint(value)
+                    s.grpc_status = <int>cl if 0 <= cl <= 0x7FFFFFFF else 2  # garbage is UNKNOWN, as gRPC reads it
+            elif kind == 0 and memcmp(q, b"traceparent", 11) == 0:
+                _parse_traceparent(s, value)
         elif n == 12:
             if memcmp(q, b"content-type", 12) == 0:
                 if kind != 2 and _starts(value, b"application/grpc", 16):
@@ -519,6 +533,39 @@ cdef class H2Connection:
         self.generate_request_id = generate_request_id
         self._rid_state = int.from_bytes(os.urandom(8), "little")
         self._header_table_size = header_table_size
+        self._trace_mode = 0
+        self._trace_sampling = 1.0
+
+    @property
+    def trace_mode(self):
+        """Server role: what open_forward does with W3C trace context (the Stream trace fields say what it did).
+
+        0: nothing (an incoming ``traceparent`` passes untouched, and still fills ``trace_id``); 1: a request
+        without a valid ``traceparent`` gets one (trace id from ``x-b3-traceid`` if any, else random); 2: as 1,
+        and a valid incoming one gets the proxy's own span id as its parent-id. ``tracestate`` and B3 headers
+        always pass unchanged.
+        """
+        return self._trace_mode
+
+    @trace_mode.setter
+    def trace_mode(self, value):
+        if not isinstance(value, int) or value not in (0, 1, 2):
+            raise ValueError(f"trace_mode must be 0, 1 or 2, not {value!r}")
+        self._trace_mode = value
+
+    @property
+    def trace_sampling(self):
+        """The share of the traces this connection starts that are marked sampled (0..1)."""
+        return self._trace_sampling
+
+    @trace_sampling.setter
+    def trace_sampling(self, value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"trace_sampling must be a number, not {type(value).__name__}")
+        cdef double v = value
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"trace_sampling must be in [0, 1], not {value!r}")
+        self._trace_sampling = v
 
     # -- what Python reads ------------------------------------------------
 
@@ -789,6 +836,8 @@ cdef class H2Connection:
             self._stream_error(s, E_PROTOCOL_ERROR)
             return 0
         p += 1 if flags & F_PADDED else 0
+        if s.is_grpc and n:
+            _count_messages(s, p, n)
         if s.peer is not None:
             _send_data(s.peer, p, n, flags & F_END_STREAM, s)
         elif s.hold:
@@ -1156,6 +1205,10 @@ cdef class H2Connection:
         cdef list out = []
         cdef tuple h
         cdef bytes name
+        cdef int mode = src.conn._trace_mode
+        cdef Py_ssize_t tp_at = -1, n
+        cdef const char* q
+        cdef object b3_trace = None, b3_sampled = None, b3_flags = None
         cdef bint end = (src.held_end and src.held_trailers is None and not src.held_bytes
                          and not (src.resend and src.replay is not None and PyByteArray_GET_SIZE(src.replay)))
         if not self._may_open():
@@ -1174,12 +1227,33 @@ cdef class H2Connection:
                 continue
             if name == b"host" and authority is not None:
                 continue
+            if mode:
+                n = PyBytes_GET_SIZE(name)
+                q = PyBytes_AS_STRING(name)
+                if n == 11 and memcmp(q, b"traceparent", 11) == 0:
+                    if tp_at >= 0:
+                        continue  # repeated: it was invalid anyway, and the first one is replaced
+                    tp_at = len(out)
+                elif n == 12 and memcmp(q, b"x-b3-traceid", 12) == 0:
+                    b3_trace = h[1]
+                elif n == 12 and memcmp(q, b"x-b3-sampled", 12) == 0:
+                    b3_sampled = h[1]
+                elif n == 10 and memcmp(q, b"x-b3-flags", 10) == 0:
+                    b3_flags = h[1]
             out.append(h)
         if timeout_ns >= 0 and src.is_grpc:
             out.append((b"grpc-timeout", format_grpc_timeout(timeout_ns)))
         if src.request_id is None and src.conn.generate_request_id:
             src.request_id = self._make_request_id()
             out.append((b"x-request-id", src.request_id))
+        if mode:
+            if not src.trace_done:
+                _trace(src, mode, b3_trace, b3_sampled, b3_flags)
+            if src.trace_out is not None:
+                if tp_at >= 0:
+                    out[tp_at] = (H_TRACEPARENT, src.trace_out)
+                else:
+                    out.append((H_TRACEPARENT, src.trace_out))
         cdef Stream s = _new_stream(self, self.next_stream_id)
         self.next_stream_id += 2
         self.open_local += 1
@@ -1193,12 +1267,9 @@ cdef class H2Connection:
         return s
 
     cdef bytes _make_request_id(self):
-        # A version-4 UUID from the connection's splitmix64 generator, seeded from os.urandom.
-        cdef uint64_t a, b
-        self._rid_state += 0x9E3779B97F4A7C15ULL
-        a = _mix(self._rid_state)
-        self._rid_state += 0x9E3779B97F4A7C15ULL
-        b = _mix(self._rid_state)
+        # A version-4 UUID from the connection's generator.
+        cdef uint64_t a = _random64(self)
+        cdef uint64_t b = _random64(self)
         a = (a & 0xFFFFFFFFFFFF0FFFULL) | 0x4000ULL            # version 4
         b = (b & 0x3FFFFFFFFFFFFFFFULL) | 0x8000000000000000ULL  # variant 10
         # xxxxxxxx-xxxx-4xxx-yxxx-xxxxxxxxxxxx, formatted by hand (this runs per request)
@@ -1516,6 +1587,224 @@ cdef inline uint64_t _mix(uint64_t z) noexcept:
     return z ^ (z >> 31)
 
 
+cdef inline uint64_t _random64(H2Connection c) noexcept:
+    # The connection's splitmix64 generator, seeded from os.urandom (request ids, trace and span ids).
+    c._rid_state += 0x9E3779B97F4A7C15ULL
+    return _mix(c._rid_state)
+
+
+# -- telemetry: what the core notes for metrics, logs and traces -----------------------------------------
+
+
+cdef inline void _count_messages(Stream s, const uint8_t* p, Py_ssize_t n) noexcept:
+    """Count the gRPC messages whose 5-byte prefix (flag, 4-byte length) completes in ``p[:n]``.
+
+    Prefixes and bodies may span DATA frames: the stream keeps where it is.
+    """
+    cdef Py_ssize_t i = 0, take
+    while i < n:
+        if s.msg_left:
+            take = n - i if n - i < s.msg_left else <Py_ssize_t>s.msg_left
+            s.msg_left -= take
+            i += take
+            continue
+        if not s.prefix_have and n - i >= 5:
+            # the common case: a whole prefix in this frame
+            s.grpc_msgs_recv += 1
+            s.msg_left = read_u32(p + i + 1)
+            i += 5
+            continue
+        if s.prefix_have:
+            s.msg_len = (s.msg_len << 8) | p[i]  # bytes 1-4: the length, big-endian
+        s.prefix_have += 1
+        i += 1
+        if s.prefix_have == 5:
+            s.grpc_msgs_recv += 1
+            s.msg_left = s.msg_len
+            s.msg_len = 0
+            s.prefix_have = 0
+
+
+cdef inline void _note_sent(Stream s, list headers, bint end_stream):
+    """Server role: record the final :status and the grpc-status of what goes downstream.
+
+    Only (bytes, bytes) pairs are read (the encoder also takes str, which this never sees from the proxy).
+    """
+    cdef object h, name, value
+    cdef const char* q
+    cdef int64_t v
+    if not headers:
+        return
+    h = headers[0]
+    if isinstance(h, tuple) and PyTuple_GET_SIZE(h) == 2:
+        name = (<tuple>h)[0]
+        value = (<tuple>h)[1]
+        if (type(name) is bytes and PyBytes_GET_SIZE(name) == 7 and type(value) is bytes
+                and PyBytes_GET_SIZE(value) == 3 and memcmp(PyBytes_AS_STRING(name), b":status", 7) == 0):
+            q = PyBytes_AS_STRING(value)
+            if 50 <= q[0] <= 57 and 48 <= q[1] <= 57 and 48 <= q[2] <= 57:  # a final status: 200-999
+                s.status = (q[0] - 48) * 100 + (q[1] - 48) * 10 + (q[2] - 48)
+    if end_stream:
+        for h in headers:
+            if isinstance(h, tuple) and PyTuple_GET_SIZE(h) == 2:
+                name = (<tuple>h)[0]
+                value = (<tuple>h)[1]
+                if (type(name) is bytes and type(value) is bytes and PyBytes_GET_SIZE(name) == 11
+                        and memcmp(PyBytes_AS_STRING(name), b"grpc-status", 11) == 0):
+                    v = _parse_uint(<bytes>value)
+                    s.grpc_status = <int>v if 0 <= v <= 0x7FFFFFFF else 2
+
+
+cdef inline int _hex_digit(uint8_t ch) noexcept:
+    if 48 <= ch <= 57:
+        return ch - 48
+    if 97 <= ch <= 102:
+        return ch - 87
+    return -1
+
+
+cdef bint _lower_hex(const uint8_t* p, Py_ssize_t n, bint nonzero) noexcept:
+    """``p[:n]`` is lowercase hex (W3C trace context allows no other), and not all zeros if ``nonzero``."""
+    cdef Py_ssize_t i
+    cdef int d, seen = 0
+    for i in range(n):
+        d = _hex_digit(p[i])
+        if d < 0:
+            return False
+        seen |= d
+    return seen != 0 or not nonzero
+
+
+cdef int _parse_traceparent(Stream s, bytes value) except -1:
+    """An incoming ``traceparent`` (W3C trace context, "version-traceid-parentid-flags").
+
+    A valid one fills ``trace_id``, ``parent_span_id`` and ``sampled``; an invalid one (version ff, not
+    lowercase hex, an all-zero id, the wrong length) or a repeated one leaves them empty.
+    """
+    cdef const uint8_t* p = <const uint8_t*>PyBytes_AS_STRING(value)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(value)
+    if s.trace_in:
+        s.trace_in = 1
+        s.trace_id = s.parent_span_id = EMPTY
+        s.sampled = False
+        return 0
+    s.trace_in = 1
+    if n < 55 or p[2] != 45 or p[35] != 45 or p[52] != 45:
+        return 0
+    if not _lower_hex(p, 2, False) or (p[0] == 102 and p[1] == 102):
+        return 0
+    if (n != 55 and p[0] == 48 and p[1] == 48) or (n > 55 and p[55] != 45):
+        return 0  # version 00 is exactly 55 characters; a later version may add fields after a dash
+    if not _lower_hex(p + 3, 32, True) or not _lower_hex(p + 36, 16, True) or not _lower_hex(p + 53, 2, False):
+        return 0
+    s.trace_in = 2 + (_hex_digit(p[53]) << 4 | _hex_digit(p[54]))
+    s.trace_id = value[3:35]
+    s.parent_span_id = value[36:52]
+    s.sampled = (s.trace_in - 2) & 1
+    return 0
+
+
+cdef bytes _b3_trace_id(object value):
+    """``x-b3-traceid`` (16 or 32 hex digits, either case) as 32 lowercase hex, or None if unusable."""
+    cdef bytes v
+    cdef Py_ssize_t n, i
+    cdef char[32] out
+    cdef uint8_t ch
+    cdef bint nonzero = False
+    if type(value) is not bytes:
+        return None
+    v = <bytes>value
+    n = PyBytes_GET_SIZE(v)
+    if n != 16 and n != 32:
+        return None
+    for i in range(32 - n):
+        out[i] = 48
+    for i in range(n):
+        ch = <uint8_t>PyBytes_AS_STRING(v)[i]
+        if 65 <= ch <= 70:
+            ch += 32
+        if _hex_digit(ch) < 0:
+            return None
+        nonzero = nonzero or ch != 48
+        out[32 - n + i] = ch
+    if not nonzero:
+        return None
+    return PyBytes_FromStringAndSize(out, 32)
+
+
+cdef inline void _put_hex64(char* out, uint64_t v) noexcept:
+    cdef int i
+    for i in range(16):
+        out[i] = _HEX[(v >> (60 - 4 * i)) & 0xF]
+
+
+cdef int _trace(Stream src, int mode, object b3_trace, object b3_sampled, object b3_flags) except -1:
+    """Work out the trace context ``src``'s request carries upstream (trace_mode 1 or 2), once per request.
+
+    A valid incoming traceparent is kept (mode 1) or gets the proxy's span as its parent (mode 2); otherwise
+    a new one starts: the trace id from x-b3-traceid if usable, else random; sampled as x-b3-flags /
+    x-b3-sampled say, else with probability ``trace_sampling``.
+    """
+    cdef H2Connection c = src.conn
+    cdef uint64_t a, b
+    cdef char[55] tp
+    cdef bytes tid
+    cdef double u
+    cdef bint sampled
+    src.trace_done = True
+    if src.trace_in >= 2:
+        if mode == 1:
+            src.trace_out = None  # forwarded as it came
+            return 0
+        memcpy(tp, b"00-", 3)
+        memcpy(tp + 3, PyBytes_AS_STRING(src.trace_id), 32)
+        tp[35] = 45
+        a = _random64(c)
+        _put_hex64(tp + 36, a if a else 1)
+        tp[52] = 45
+        tp[53] = _HEX[((src.trace_in - 2) >> 4) & 0xF]
+        tp[54] = _HEX[(src.trace_in - 2) & 0xF]
+        src.trace_out = PyBytes_FromStringAndSize(tp, 55)
+        src.span_id = PyBytes_FromStringAndSize(tp + 36, 16)
+        return 0
+    tid = _b3_trace_id(b3_trace) if b3_trace is not None else None
+    memcpy(tp, b"00-", 3)
+    if tid is not None:
+        memcpy(tp + 3, PyBytes_AS_STRING(tid), 32)
+    else:
+        a = _random64(c)
+        b = _random64(c)
+        if a == 0 and b == 0:
+            b = 1  # never the invalid all-zero trace id
+        _put_hex64(tp + 3, a)
+        _put_hex64(tp + 19, b)
+    tp[35] = 45
+    a = _random64(c)
+    _put_hex64(tp + 36, a if a else 1)
+    tp[52] = 45
+    if b3_flags == b"1":
+        sampled = True  # B3 debug
+    elif b3_sampled == b"1" or b3_sampled == b"true":
+        sampled = True
+    elif b3_sampled == b"0" or b3_sampled == b"false":
+        sampled = False
+    elif c._trace_sampling >= 1.0:
+        sampled = True
+    elif c._trace_sampling <= 0.0:
+        sampled = False
+    else:
+        u = <double>(_random64(c) >> 11) * (1.0 / 9007199254740992.0)
+        sampled = u < c._trace_sampling
+    tp[53] = 48
+    tp[54] = 49 if sampled else 48
+    src.trace_out = PyBytes_FromStringAndSize(tp, 55)
+    src.trace_id = PyBytes_FromStringAndSize(tp + 3, 32)
+    src.span_id = PyBytes_FromStringAndSize(tp + 36, 16)
+    src.parent_span_id = EMPTY
+    src.sampled = sampled
+    return 0
+
+
 cdef bytes _percent_encode(object message):
     # grpc-message is percent-encoded UTF-8 (gRPC over HTTP/2, "Responses").
     cdef bytes raw = message.encode("utf-8") if isinstance(message, str) else bytes(message)
@@ -1711,6 +2000,8 @@ cdef int _write_headers(Stream s, list headers, bint end_stream) except -1:
     cdef uint8_t* q
     cdef uint8_t flags
     enc._encode(headers, True)
+    if not c.client:
+        _note_sent(s, headers, end_stream)
     n = enc._out_len
     chunk = n if n <= maxf else maxf
     flags = (F_END_STREAM if end_stream else 0) | (F_END_HEADERS if chunk == n else 0)

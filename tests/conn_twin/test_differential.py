@@ -203,6 +203,11 @@ STREAM_ATTRS = (
     "notify_close",
     "response_flags",
     "attempts",
+    "grpc_msgs_recv",
+    "trace_id",
+    "span_id",
+    "parent_span_id",
+    "sampled",
 )
 CONN_ATTRS = (
     "client",
@@ -230,6 +235,8 @@ CONN_ATTRS = (
     "hold_new",
     "stream_limit",
     "generate_request_id",
+    "trace_mode",
+    "trace_sampling",
     "streams_total",
     "protocol_errors",
     "active_streams",
