@@ -1,5 +1,6 @@
 # make test: set everything up, then lint and run the whole suite (the codec,
-# balancer, resilience and gRPC-proxy suites a second time on the pure-Python twins).
+# balancer, resilience, gRPC-proxy, telemetry, admin and mTLS suites a second time on
+# the pure-Python twins).
 # make bench: run perf/. make demo: the local mesh of examples/demo (control plane,
 # two versions of a gRPC service, a client and its sidecar), with a live traffic
 # split changed from 80/20 to 50/50 (DEMO_FOREVER=1: until Ctrl-C; DEMO_SECONDS=N:
@@ -40,7 +41,8 @@ test: lint debs
 	$(PY) -m pytest -q
 	MESHPROXY_NO_EXTENSIONS=1 $(PY) -m pytest -q -m "codec or lb or resilience" tests/codec tests/lb tests/resilience
 	MESHPROXY_NO_EXTENSIONS=1 $(PY) -m pytest -q tests/integration/test_interop.py tests/integration/test_grpc_proxy.py \
-	    tests/integration/test_mesh.py tests/integration/test_resilience.py tests/integration/test_health_check.py
+	    tests/integration/test_mesh.py tests/integration/test_resilience.py tests/integration/test_health_check.py \
+	    tests/integration/test_metrics.py tests/integration/test_mtls.py tests/telemetry tests/admin
 
 bench: $(STAMP) debs
 	$(PY) perf/bench_codec.py
@@ -48,6 +50,8 @@ bench: $(STAMP) debs
 	$(PY) perf/bench_resilience.py
 	$(PY) perf/bench_proxy.py
 	$(PY) perf/bench_retry.py
+	$(PY) perf/bench_telemetry.py
+	$(PY) perf/bench_mtls.py
 	$(PY) perf/bench_push.py
 
 demo: $(STAMP) debs

@@ -3,6 +3,7 @@
     meshproxy-control serve --config-dir DIR [--listen ADDR]     # a directory of YAML (local mesh)
     meshproxy-control serve --kubernetes [--kubeconfig FILE]     # in cluster, or from a kubeconfig
         [--webhook [--webhook-listen ADDR] [--webhook-cert-dir DIR] [--sidecar-image IMAGE]]
+    meshproxy-control add-token --file FILE --namespace NS --service-account SA   # a local sidecar's token
 
 Serves ``meshproxy.v1.MeshControl`` on ``--listen`` (default 0.0.0.0:15010,
 Istio's plaintext xDS port). Replicas are independent for serving config:
@@ -15,6 +16,15 @@ With ``--webhook`` it also serves the sidecar injector (``injector.webhook``) ov
 Secret ``meshproxy-webhook-tls`` in the control plane's namespace, which the leader creates and whose CA it
 writes into the MutatingWebhookConfiguration's caBundle (the webhook listens once the Secret exists);
 else a self-signed one made at start, for local use.
+The mesh CA (``control.ca``) signs sidecars' certificates (``SignCertificate``) for trust domain
+``--trust-domain`` (default cluster.local). Its keys: ``--ca-dir`` (Istio's plug-in CA files:
+``ca-cert.pem``, ``ca-key.pem``, ``cert-chain.pem``, ``root-cert.pem``; your own root or intermediate,
+or, locally, a root made there once); default, with ``--config-dir``, ``$XDG_STATE_HOME/meshproxy/ca``
+(``~/.local/state/meshproxy/ca``), and with ``--kubernetes`` Secret ``meshproxy-ca`` in the control
+plane's namespace, which the leader creates once and rotates; every replica follows it. Sidecars prove who
+they are with their projected service-account token (``--kubernetes``: a TokenReview for audience
+``--token-audience``, default meshproxy) or a bootstrap token from ``--bootstrap-tokens FILE``
+(``token,namespace,service-account`` lines, mode 0600; see ``control.identity``).
 SIGTERM/SIGINT stop it: streams end, sidecars keep their config and
 reconnect to another replica. Bad flags: one line on stderr, exit 2.
 """
@@ -80,6 +90,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-delay", type=seconds, default=1.0, metavar="SECONDS", help="longest wait to push (default 1)"
     )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    mesh_ca = serve.add_argument_group("mesh CA")
+    mesh_ca.add_argument("--trust-domain", default="cluster.local", help="SPIFFE trust domain (default cluster.local)")
+    mesh_ca.add_argument(
+        "--ca-dir",
+        metavar="DIR",
+        help="the CA's files (default: $XDG_STATE_HOME/meshproxy/ca locally, Secret meshproxy-ca in cluster)",
+    )
+    mesh_ca.add_argument(
+        "--bootstrap-tokens", metavar="FILE", help="tokens of local sidecars: token,namespace,service-account (0600)"
+    )
+    mesh_ca.add_argument(
+        "--token-audience", default="meshproxy", help="with --kubernetes: the audience of sidecar tokens"
+    )
+    token = sub.add_parser(
+        "add-token",
+        help="make a bootstrap token for a local sidecar",
+        description="Append a new token for NS/SA to FILE (created with mode 0600) and print it.",
+    )
+    token.add_argument("--file", required=True, metavar="FILE", help="the --bootstrap-tokens file")
+    token.add_argument("--namespace", required=True, metavar="NS")
+    token.add_argument("--service-account", required=True, metavar="SA")
     hook = serve.add_argument_group("sidecar injection")
     hook.add_argument("--webhook", action="store_true", help="also serve the sidecar injector webhook")
     hook.add_argument(
@@ -94,20 +125,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def _serve(args: argparse.Namespace) -> int:
+    from control.ca import CAError
     from control.server import ControlServer, serve
     from control.store import Store
 
     loop = asyncio.get_running_loop()
     store = Store()
+    stoppers = []
+    api = None
+    ca_tasks: list = []
+    if args.config_dir and not Path(args.config_dir).is_dir():
+        print(f"meshproxy-control: error: --config-dir {args.config_dir}: not a directory", file=sys.stderr)
+        return 2
+    try:
+        ca, authenticator = _mesh_ca(args)
+    except (CAError, ValueError, OSError) as e:
+        print(f"meshproxy-control: error: {e}", file=sys.stderr)
+        return 2
     control = ControlServer(
         store,
         cluster_domain=args.cluster_domain,
         default_export_to=args.default_export_to,
         debounce=args.debounce,
         max_delay=args.max_delay,
+        ca=ca,
+        authenticator=authenticator,
+        root_namespace=_namespace(),
     )
-    stoppers = []
-    api = None
+    ca.on_bundle_change = control.bundle_changed
     if args.config_dir:
         from control.sources.files import DirectorySource
 
@@ -119,8 +164,10 @@ async def _serve(args: argparse.Namespace) -> int:
         source.start()
         stoppers.append(source.stop)
     else:
-        stopper, api = await _kubernetes(args, store, loop)
+        stopper, api = await _kubernetes(args, store, loop, ca, authenticator)
         stoppers.append(stopper)
+        # Every replica signs with what the leader's Secret holds.
+        ca_tasks.append(asyncio.create_task(ca.follow()))
     control.start(loop)
     try:
         server, _ = await serve(control, args.listen)
@@ -143,10 +190,35 @@ async def _serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("stopping")
+    for t in ca_tasks:
+        t.cancel()
     await server.stop(grace=1.0)
     for s in stoppers:
         await s()
     return 0
+
+
+def _mesh_ca(args: argparse.Namespace):
+    """The CA and the authenticators of sidecars' tokens (TokenReview's is added with the API client)."""
+    from control.ca import CertificateAuthority, DirectoryCAStore
+    from control.identity import AnyAuthenticator, BootstrapTokens
+
+    authenticators = []
+    if args.bootstrap_tokens:
+        authenticators.append(BootstrapTokens(args.bootstrap_tokens))
+    directory = args.ca_dir
+    if directory is None and args.config_dir:
+        state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+        directory = os.path.join(state, "meshproxy", "ca")
+    store = DirectoryCAStore(directory) if directory else None  # None: the Secret, once the API is known
+    ca = CertificateAuthority(store, args.trust_domain)
+    if store is not None:
+        # Locally the one process creates the root; a --ca-dir in cluster is the user's own CA.
+        ca.ensure(create=not args.kubernetes)
+        if not ca.ready:
+            raise ValueError(f"--ca-dir {directory}: no ca-cert.pem and ca-key.pem")
+        log.info("mesh CA from %s (trust domain %s)", directory, args.trust_domain)
+    return ca, AnyAuthenticator(authenticators)
 
 
 class _CannotStart(Exception):
@@ -280,7 +352,7 @@ async def _follow_secret(api, namespace: str, start) -> None:
         await asyncio.sleep(SECRET_RECHECK if context is not None else SECRET_POLL)
 
 
-async def _kubernetes(args: argparse.Namespace, store, loop: asyncio.AbstractEventLoop):
+async def _kubernetes(args: argparse.Namespace, store, loop: asyncio.AbstractEventLoop, ca, authenticator):
     from kubernetes import client, config
 
     from control.leader import LeaderElector, LeaderTask
@@ -306,6 +378,20 @@ async def _kubernetes(args: argparse.Namespace, store, loop: asyncio.AbstractEve
     namespace = _namespace()
     identity = os.environ.get("POD_NAME") or socket.gethostname()
     tasks: list[LeaderTask] = []
+    from control.ca import CAReconciler, SecretCAStore
+    from control.identity import TokenReviewAuthenticator
+
+    authenticator.authenticators.append(TokenReviewAuthenticator(api, args.token_audience))
+    if ca.store is None:
+        ca.store = SecretCAStore(api, namespace)
+        reconciler = CAReconciler(ca)
+
+        def ca_round() -> None:
+            # In the loop's executor, whose threads asyncio.run joins before the interpreter exits: a
+            # daemon thread stopped inside cryptography's Rust code at exit aborts the process (SIGABRT).
+            asyncio.run_coroutine_threadsafe(_in_executor(reconciler.reconcile), loop).result()
+
+        tasks.append(LeaderTask("mesh-ca", ca_round, interval=RECONCILE_INTERVAL))
     if args.webhook and not args.webhook_cert_dir:
         from injector.certs import WebhookCertReconciler, service_dns_names
 
@@ -336,8 +422,21 @@ async def _kubernetes(args: argparse.Namespace, store, loop: asyncio.AbstractEve
     return stop, api
 
 
+async def _in_executor(fn):
+    return await asyncio.get_running_loop().run_in_executor(None, fn)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "add-token":
+        from control.identity import add_bootstrap_token
+
+        try:
+            print(add_bootstrap_token(args.file, args.namespace, args.service_account))
+        except (OSError, ValueError) as e:
+            print(f"meshproxy-control: error: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
+            return 2
+        return 0
     if args.kubeconfig and not args.kubernetes:
         print("meshproxy-control: error: --kubeconfig goes with --kubernetes", file=sys.stderr)
         return 2

@@ -9,8 +9,11 @@ naming the field (``spec.http[0].route[1].weight: ...``) and every other one
 is kept, so one broken VirtualService never takes the mesh down. Fields
 Istio has and meshproxy does not implement are refused when they change
 where or how a request goes (``redirect``, header rewriting, ...) and
-accepted with a warning when they only protect or tune (``tls`` until mTLS
-lands, ``minHealthPercent``, which needs a panic threshold meshproxy has not).
+accepted with a warning when they only protect or tune (``minHealthPercent``,
+which needs a panic threshold meshproxy has not). A DestinationRule's
+``trafficPolicy.tls`` is read for its ``ISTIO_MUTUAL`` and ``DISABLE`` modes
+(``control.security`` turns them into upstream mTLS); TLS origination
+(``SIMPLE``, ``MUTUAL``) is accepted with a warning and not done.
 
 What meshproxy adds to Istio's API is spelled out here and in README's
 "Configuration" section: ``retryBudget`` (Linkerd's retry budget) on
@@ -27,6 +30,8 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from injector.mutate import workload_name
 
 __all__ = [
     "API_VERSIONS",
@@ -380,6 +385,12 @@ class Endpoint:
     port: int
     labels: Mapping[str, str] = field(default_factory=dict)
     weight: int = 0
+    # A Pod's workload (its Deployment, StatefulSet...) and namespace: the sidecars' metric labels.
+    workload: str = ""
+    namespace: str = ""
+    # The workload's service account (a Pod's spec.serviceAccountName, a ServiceEntry endpoint's
+    # serviceAccount): its SPIFFE id is what a client's mTLS expects of it. "": unknown.
+    service_account: str = field(default="", compare=False)
 
 
 @dataclass
@@ -397,6 +408,8 @@ class Service:
     # The IPs the service answers on (a Service's clusterIPs, a ServiceEntry's single-host
     # addresses): a transparent sidecar maps a redirected connection's destination by them.
     addresses: tuple[str, ...] = ()
+    # A ServiceEntry's subjectAltNames: identities its servers may present (SPIFFE URIs).
+    subject_alt_names: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -489,6 +502,7 @@ class DestinationRule:
     circuit_breakers: CircuitBreakers | None = None
     outlier_detection: OutlierDetection | None = None
     health_check: HealthCheck | None = None
+    tls_mode: str = ""  # trafficPolicy.tls.mode: "" (auto mTLS), DISABLE or ISTIO_MUTUAL
 
 
 @dataclass(frozen=True)
@@ -852,16 +866,37 @@ def _virtual_service(meta: Meta, spec: _Spec, domain: str) -> VirtualService:
     return VirtualService(meta, tuple(hosts), _export_to(spec), http)
 
 
+_NO_ORIGINATION = "TLS origination is not supported: ignored"
+
+
 def _traffic_policy(spec: _Spec, rule: DestinationRule) -> None:
     spec.fields(
-        ("loadBalancer", "connectionPool", "outlierDetection", "retryBudget", "healthCheck"),
+        ("loadBalancer", "connectionPool", "outlierDetection", "retryBudget", "healthCheck", "tls"),
         ignored={
-            "tls": "mTLS is not built yet: ignored",
             "portLevelSettings": "per-port policies are not supported: ignored",
             "tunnel": "tunnels are not supported: ignored",
             "proxyProtocol": "PROXY protocol is not supported: ignored",
         },
     )
+    if (tls := spec.spec("tls")) is not None:
+        tls.fields(
+            ("mode",),
+            ignored={
+                "clientCertificate": _NO_ORIGINATION,
+                "privateKey": _NO_ORIGINATION,
+                "caCertificates": _NO_ORIGINATION,
+                "credentialName": _NO_ORIGINATION,
+                "sni": _NO_ORIGINATION,
+                "subjectAltNames": "ignored",
+                "insecureSkipVerify": "ignored",
+                "caCrl": "ignored",
+            },
+        )
+        mode = tls.enum("mode", ("DISABLE", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL"), "DISABLE")
+        if mode in ("SIMPLE", "MUTUAL"):
+            tls.warnings.append((tls.at("mode"), f"{mode}: {_NO_ORIGINATION}"))
+        else:
+            rule.tls_mode = mode
     if (lb := spec.spec("loadBalancer")) is not None:
         lb.fields(
             ("simple", "consistentHash"),
@@ -1091,8 +1126,8 @@ def _service_entry(meta: Meta, spec: _Spec) -> list[Service]:
     endpoints: dict[int, list[Endpoint]] = {p.number: [] for p in ports}
     for e in spec.specs("endpoints"):
         e.fields(
-            ("address", "ports", "labels", "weight"),
-            ignored={"network": "ignored", "locality": "ignored", "serviceAccount": "ignored until mTLS is built"},
+            ("address", "ports", "labels", "weight", "serviceAccount"),
+            ignored={"network": "ignored", "locality": "ignored"},
         )
         address = e.str("address", required=True)
         if resolution == "STATIC":
@@ -1111,11 +1146,15 @@ def _service_entry(meta: Meta, spec: _Spec) -> list[Service]:
                 overrides[name] = port_map.int(name, lo=1, hi=65535)
         labels = e.labels("labels")
         weight = e.int("weight", lo=0, hi=2**32 - 1) or 0
+        account = e.str("serviceAccount")
+        if account and not all(_DNS1123_LABEL.fullmatch(part) for part in account.split(".")):
+            raise Invalid(e.at("serviceAccount"), f"{account!r} is not a service account name")
         for p in ports:
             target = overrides.get(p.name) or p.target_port or p.number
-            endpoints[p.number].append(Endpoint(address, int(target), labels, weight))
+            endpoints[p.number].append(Endpoint(address, int(target), labels, weight, service_account=account))
     export_to = _export_to(spec)
     addresses = _entry_addresses(spec)
+    sans = tuple(spec.strs("subjectAltNames"))
     if not spec.list("endpoints"):
         if resolution == "STATIC":
             raise Invalid(spec.at("endpoints"), "a STATIC ServiceEntry needs endpoints")
@@ -1128,11 +1167,20 @@ def _service_entry(meta: Meta, spec: _Spec) -> list[Service]:
                 export_to,
                 {p.number: [Endpoint(h, int(p.target_port or p.number))] for p in ports},
                 addresses=addresses,
+                subject_alt_names=sans,
             )
             for h in hosts
         ]
     return [
-        Service(meta, h, ports, export_to, {k: list(v) for k, v in endpoints.items()}, addresses=addresses)
+        Service(
+            meta,
+            h,
+            ports,
+            export_to,
+            {k: list(v) for k, v in endpoints.items()},
+            addresses=addresses,
+            subject_alt_names=sans,
+        )
         for h in hosts
     ]
 
@@ -1224,7 +1272,6 @@ def _peer_authentication(meta: Meta, spec: _Spec) -> PeerAuthentication:
             pm = _Spec(value, path, spec.warnings)
             pm.fields(("mode",))
             port_modes[number] = pm.enum("mode", modes, "UNSET")
-    spec.warnings.append(("", "accepted; mTLS is not enforced until the mTLS layer is built"))
     return PeerAuthentication(meta, selector, mode, port_modes)
 
 
@@ -1278,7 +1325,6 @@ def _authorization_policy(meta: Meta, spec: _Spec) -> AuthorizationPolicy:
             w.strs("values")
             w.strs("notValues")
         rules.append(r.data)
-    spec.warnings.append(("", "accepted; authorization is not enforced until the mTLS layer is built"))
     return AuthorizationPolicy(meta, selector, action, tuple(rules))
 
 
@@ -1390,7 +1436,9 @@ def _kube_endpoints(model: Model, slices: list[dict], pods: list[dict]) -> None:
     with their Pods' labels; a Service with a selector and no slice at all takes the selected Pods'
     IPs (the endpoint controller's job, for a directory of YAML that has no controller)."""
     pod_labels: dict[tuple[str, str], dict[str, str]] = {}
-    pod_ips: list[tuple[str, dict[str, str], str]] = []
+    pod_accounts: dict[tuple[str, str], str] = {}
+    pod_workloads: dict[tuple[str, str], str] = {}
+    pod_ips: list[tuple[str, dict[str, str], str, str, str]] = []
     for p in pods:
         meta = p.get("metadata") or {}
         ns = meta.get("namespace", "default")
@@ -1398,9 +1446,14 @@ def _kube_endpoints(model: Model, slices: list[dict], pods: list[dict]) -> None:
         if not isinstance(labels, dict):
             continue
         pod_labels[ns, meta.get("name", "")] = labels
+        account = (p.get("spec") or {}).get("serviceAccountName") or "default"
+        account = account if isinstance(account, str) else ""
+        pod_accounts[ns, meta.get("name", "")] = account
+        workload = workload_name(meta)
+        pod_workloads[ns, meta.get("name", "")] = workload
         ip = (p.get("status") or {}).get("podIP")
         if isinstance(ip, str) and ip:
-            pod_ips.append((ns, labels, ip))
+            pod_ips.append((ns, labels, ip, account, workload))
     by_service: dict[tuple[str, str], list[dict]] = {}
     for s in slices:
         meta = s.get("metadata") or {}
@@ -1415,11 +1468,20 @@ def _kube_endpoints(model: Model, slices: list[dict], pods: list[dict]) -> None:
         service.endpoints = {p.number: [] for p in service.ports}
         if found is None:
             if service.selector:
-                for pns, labels, ip in pod_ips:
+                for pns, labels, ip, account, workload in pod_ips:
                     if pns == ns and all(labels.get(k) == v for k, v in service.selector.items()):
                         for p in service.ports:
                             if isinstance(p.target_port, int) or p.target_port is None:
-                                service.endpoints[p.number].append(Endpoint(ip, p.target_port or p.number, labels))
+                                service.endpoints[p.number].append(
+                                    Endpoint(
+                                        ip,
+                                        p.target_port or p.number,
+                                        labels,
+                                        service_account=account,
+                                        workload=workload,
+                                        namespace=ns,
+                                    )
+                                )
             continue
         for s in found:
             if s.get("addressType", "IPv4") not in ("IPv4", "IPv6"):
@@ -1435,10 +1497,22 @@ def _kube_endpoints(model: Model, slices: list[dict], pods: list[dict]) -> None:
                 if not addresses or not isinstance(addresses[0], str):
                     continue
                 ref = ep.get("targetRef") or {}
-                labels = pod_labels.get((ref.get("namespace", ns), ref.get("name", "")), {})
+                pod = (ref.get("namespace", ns), ref.get("name", ""))
+                labels = pod_labels.get(pod, {})
+                account = pod_accounts.get(pod, "")
+                workload = pod_workloads.get(pod, "")
                 for p in service.ports:
                     port = slice_ports.get(p.name)
                     if port is None and len(slice_ports) == 1 and len(service.ports) == 1:
                         port = next(iter(slice_ports.values()))
                     if port is not None:
-                        service.endpoints[p.number].append(Endpoint(addresses[0], port, labels))
+                        service.endpoints[p.number].append(
+                            Endpoint(
+                                addresses[0],
+                                port,
+                                labels,
+                                service_account=account,
+                                workload=workload,
+                                namespace=pod[0],
+                            )
+                        )

@@ -17,8 +17,11 @@ One ``ControlServer`` per control-plane process, on one asyncio loop:
   same version is not sent again: the sidecar keeps its last good config
   until a new version comes.
 
-``SignCertificate`` is declared in the proto and left unimplemented here
-(grpcio answers UNIMPLEMENTED) until the mTLS layer provides it.
+``ProxyStatus`` answers ``status()`` as protos (``meshctl proxy-status``).
+``SignCertificate`` is ``control.ca.SignCertificateService`` when the
+server has a CA (``ca`` and ``authenticator``); the CA's trust bundle goes
+into every config, and a change of it (a root rotation) recomputes them.
+Without a CA grpcio answers UNIMPLEMENTED and configs carry no security.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ class Subscriber:
     sent_at: float = 0.0
     acked_at: float = 0.0
     nacked_version: str = ""
+    nack_nonce: str = ""
     nack_message: str = ""
     nacks: int = 0
     #: What it should have: set by the push loop, written by the stream's handler.
@@ -95,8 +99,18 @@ class ControlServer:
         default_export_to: tuple[str, ...] = ("*",),
         debounce: float = 0.1,
         max_delay: float = 1.0,
+        ca=None,
+        authenticator=None,
+        root_namespace: str = "meshproxy-system",
     ) -> None:
         self.store = store
+        self.ca = ca
+        self.root_namespace = root_namespace
+        self.signer = None
+        if ca is not None and authenticator is not None:
+            from control.ca import SignCertificateService
+
+            self.signer = SignCertificateService(ca, authenticator)
         self.cluster_domain = cluster_domain
         self.default_export_to = default_export_to
         self.debounce = debounce
@@ -130,6 +144,15 @@ class ControlServer:
         if self.loop is not None:
             self.loop.call_soon_threadsafe(self._schedule)
 
+    def bundle_changed(self, _bundle=None) -> None:
+        """The CA's trust bundle changed (callable from any thread): recompute every config."""
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self._force)
+
+    def _force(self) -> None:
+        self.revision = -2  # no store revision: the next recompute rebuilds
+        self._schedule()
+
     def _schedule(self) -> None:
         now = self.loop.time()
         if self._burst_start is None:
@@ -150,7 +173,13 @@ class ControlServer:
             return
         t0 = time.perf_counter()
         model = parse(objects, cluster_domain=self.cluster_domain)
-        translator = Translator(model, default_export_to=self.default_export_to)
+        translator = Translator(
+            model,
+            default_export_to=self.default_export_to,
+            trust_domain=self.ca.trust_domain if self.ca is not None else "cluster.local",
+            trust_bundle=self.ca.trust_bundle() if self.ca is not None else (),
+            root_namespace=self.root_namespace,
+        )
         self._report(translator)
         self.translator, self.revision = translator, revision
         self._payloads = {}
@@ -196,15 +225,28 @@ class ControlServer:
     # -- the stream ---------------------------------------------------------------------------------
 
     def handler(self) -> grpc.GenericRpcHandler:
+        methods = {}
+        if self.signer is not None:
+            methods["SignCertificate"] = grpc.unary_unary_rpc_method_handler(
+                self.signer.sign,
+                request_deserializer=cpb.SignCertificateRequest.FromString,
+                response_serializer=cpb.SignCertificateResponse.SerializeToString,
+            )
         return grpc.method_handlers_generic_handler(
             SERVICE,
-            {
+            methods
+            | {
                 "Stream": grpc.stream_stream_rpc_method_handler(
                     self._stream,
                     request_deserializer=cpb.StreamRequest.FromString,
                     # Responses are built as bytes (the config part shared across sidecars).
                     response_serializer=None,
-                )
+                ),
+                "ProxyStatus": grpc.unary_unary_rpc_method_handler(
+                    self._proxy_status,
+                    request_deserializer=cpb.ProxyStatusRequest.FromString,
+                    response_serializer=cpb.ProxyStatusResponse.SerializeToString,
+                ),
             },
         )
 
@@ -249,7 +291,7 @@ class ControlServer:
             if msg.response_nonce != sub.sent_nonce:
                 continue  # answers a snapshot that a newer one replaced
             if msg.HasField("error_detail"):
-                sub.nacked_version = sub.sent_version
+                sub.nacked_version, sub.nack_nonce = sub.sent_version, msg.response_nonce
                 sub.nack_message = msg.error_detail.message
                 sub.nacks += 1
                 self.nacks += 1
@@ -270,22 +312,68 @@ class ControlServer:
         """Every connected sidecar: who, what it was sent, what it ACKed, its last NACK."""
         out = []
         for sub in sorted(self.subscribers, key=lambda s: (s.node.namespace, s.node.id, s.worker)):
-            synced = sub.acked_version == sub.sent_version and sub.sent_version == sub.target_version
             out.append(
                 {
                     "id": sub.node.id,
                     "namespace": sub.node.namespace,
                     "workload": sub.node.workload,
+                    "labels": dict(sub.node.labels),
                     "worker": sub.worker,
                     "peer": sub.peer,
+                    "connected_at": sub.connected_at,
+                    "target": sub.target_version,
                     "sent": sub.sent_version,
+                    "sent_nonce": sub.sent_nonce,
+                    "sent_at": sub.sent_at,
                     "acked": sub.acked_version,
+                    "acked_at": sub.acked_at,
                     "nacked": sub.nacked_version,
+                    "nack_nonce": sub.nack_nonce,
                     "nack_message": sub.nack_message,
-                    "state": "SYNCED" if synced else ("NACKED" if sub.nacked_version == sub.sent_version else "STALE"),
+                    "nacks": sub.nacks,
+                    "state": _state(sub),
                 }
             )
         return out
+
+    async def _proxy_status(self, request, context: grpc.aio.ServicerContext) -> cpb.ProxyStatusResponse:
+        response = cpb.ProxyStatusResponse(revision=self.revision)
+        for row in self.status():
+            if (request.namespace and row["namespace"] != request.namespace) or (
+                request.node_id and row["id"] != request.node_id
+            ):
+                continue
+            status = response.proxies.add(
+                node_id=row["id"],
+                namespace=row["namespace"],
+                workload=row["workload"],
+                labels=row["labels"],
+                worker=row["worker"],
+                peer=row["peer"],
+                target_version=row["target"],
+                sent_version=row["sent"],
+                sent_nonce=row["sent_nonce"],
+                acked_version=row["acked"],
+                nacked_version=row["nacked"],
+                nack_nonce=row["nack_nonce"],
+                nack_message=row["nack_message"],
+                nacks=row["nacks"],
+                state=cpb.ProxyStatus.State.Value(row["state"]),
+            )
+            status.connected_since.FromNanoseconds(int(row["connected_at"] * 1e9))
+            # Unset (not 1970) when nothing was sent or ACKed yet.
+            if row["sent_at"]:
+                status.sent_at.FromNanoseconds(int(row["sent_at"] * 1e9))
+            if row["acked_at"]:
+                status.acked_at.FromNanoseconds(int(row["acked_at"] * 1e9))
+        return response
+
+
+def _state(sub: Subscriber) -> str:
+    if sub.acked_version == sub.sent_version and sub.sent_version == sub.target_version:
+        return "SYNCED"
+    # By nonce: before the first snapshot is sent, nacked and sent versions are both "".
+    return "NACKED" if sub.nack_nonce and sub.nack_nonce == sub.sent_nonce else "STALE"
 
 
 async def serve(control: ControlServer, address: str) -> tuple[grpc.aio.Server, int]:

@@ -28,6 +28,13 @@ Each cluster also lists its ``service_addresses``: the service's cluster IPs
 (a ServiceEntry's single-host ``addresses``) with the cluster's port, by
 which a transparent sidecar maps a redirected connection to the cluster.
 
+Security (``control.security``): the workload's PeerAuthentication mode,
+the AuthorizationPolicies that select it, the trust domain and bundle, and
+each cluster's upstream mTLS fill ``SidecarConfig.security`` and
+``Cluster.tls``; the labels those policies select on join the scope. They
+are filled only once the CA's trust bundle is known (none: no mTLS and no
+authorization, as a control plane without a CA).
+
 Resources refused by ``control.model`` never reach here. What can only be
 judged across resources is reported once, as warnings, in
 ``Translator.__init__``: a route to a host, port or subset that does not
@@ -58,7 +65,9 @@ from control.model import (
     Service,
     VirtualService,
 )
+from control.security import DEFAULT_ROOT_NAMESPACE, Security
 from meshproxy.config.v1 import config_pb2 as pb
+from meshproxy.telemetry.labels import NAMESPACE_KEY, WORKLOAD_KEY
 
 __all__ = [
     "DEFAULT_NUM_RETRIES",
@@ -124,10 +133,26 @@ def _endpoint_address(address: str, port: int) -> str:
 class Translator:
     """Indexes one Model; ``config(namespace, labels)`` builds a sidecar's config from it."""
 
-    def __init__(self, model: Model, *, default_export_to: tuple[str, ...] = ("*",)) -> None:
+    def __init__(
+        self,
+        model: Model,
+        *,
+        default_export_to: tuple[str, ...] = ("*",),
+        trust_domain: str = "cluster.local",
+        trust_bundle: tuple[str, ...] | list[str] = (),
+        root_namespace: str = DEFAULT_ROOT_NAMESPACE,
+    ) -> None:
         self.model = model
         self.default_export_to = default_export_to
         self.problems: list[Problem] = list(model.problems)
+        self.security = Security(
+            model,
+            trust_domain=trust_domain,
+            trust_bundle=trust_bundle,
+            root_namespace=root_namespace,
+            default_export_to=default_export_to,
+        )
+        self.problems.extend(self.security.problems)
         self.services: dict[str, Service] = {}
         # Kubernetes Services first: a ServiceEntry cannot take over a Service's host.
         for svc in sorted(model.services, key=lambda s: (not s.kubernetes, s.meta.namespace, s.meta.name)):
@@ -169,6 +194,8 @@ class Translator:
             for r in vs.http:
                 for m in r.matches:
                     self.source_label_keys.update(m.source_labels)
+        # A workload's security depends on the labels its policies select on.
+        self.source_label_keys |= self.security.label_keys
         for host, vss in self.routes.items():
             for vs in vss[1:]:
                 self._warn(
@@ -256,6 +283,8 @@ class Translator:
                 for i, r in enumerate(vs.http):
                     self._routes(vh, vs, i, r, svc, port.number, namespace, labels, clusters)
         cfg.clusters.extend(clusters[name] for name in sorted(clusters))
+        if self.security.trust_bundle:
+            self.security.apply(cfg, namespace, labels)
         return cfg
 
     def _aliases(self, svc: Service, namespace: str) -> list[str]:
@@ -274,6 +303,11 @@ class Translator:
         for e in svc.endpoints.get(port, []):
             ep = c.endpoints.add(address=_endpoint_address(e.address, e.port), weight=e.weight)
             ep.labels.update(e.labels)
+            # Who the endpoint is, for the sidecars' metric labels (destination_workload, _namespace).
+            if e.workload:
+                ep.labels[WORKLOAD_KEY] = e.workload
+            if e.namespace:
+                ep.labels[NAMESPACE_KEY] = e.namespace
         dr = self._pick(self.rules.get(svc.host, []), namespace, svc.meta.namespace)
         if dr is not None:
             for s in dr.subsets:

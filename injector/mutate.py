@@ -48,8 +48,10 @@ __all__ = [
     "INIT_CONTAINER",
     "INJECT_LABEL",
     "PROBES_ENV",
+    "PROMETHEUS_ANNOTATIONS",
     "PROXY_CONTAINER",
     "STATUS_ANNOTATION",
+    "TLS_MODE_LABEL",
     "WORKLOAD_KINDS",
     "InjectError",
     "Settings",
@@ -76,6 +78,14 @@ DEFAULT_CONTROL_PLANE = "meshproxy-control.meshproxy-system.svc:15010"
 
 INJECT_LABEL = "meshproxy.io/inject"
 STATUS_ANNOTATION = "sidecar.meshproxy.io/status"
+#: Set on injected pods unless they set them: where Prometheus scrapes the sidecar.
+PROMETHEUS_ANNOTATIONS = {
+    "prometheus.io/scrape": "true",
+    "prometheus.io/port": "15090",
+    "prometheus.io/path": "/metrics",
+}
+#: Set on injected pods: the endpoints clients' sidecars speak mTLS to (control.security).
+TLS_MODE_LABEL = "security.istio.io/tlsMode"
 NATIVE_ANNOTATION = "sidecar.meshproxy.io/nativeSidecar"
 DEFAULT_CONTAINER_ANNOTATION = "kubectl.kubernetes.io/default-container"
 PROBES_ENV = "MESHPROXY_APP_PROBES"
@@ -622,7 +632,13 @@ def _inject_template(meta: dict, spec: dict, settings: Settings, workload: str, 
     annotations[STATUS_ANNOTATION] = json.dumps(status, sort_keys=True, separators=(",", ":"))
     # kubectl logs/exec pick the app, not the proxy (Istio sets the same annotation)
     annotations.setdefault(DEFAULT_CONTAINER_ANNOTATION, containers[0]["name"])
+    # Annotation-based Prometheus setups scrape the sidecar's /metrics (as Istio's injector
+    # does); a pod that says otherwise keeps its own.
+    for key, value in PROMETHEUS_ANNOTATIONS.items():
+        annotations.setdefault(key, value)
     meta["annotations"] = annotations
+    # How the control plane's auto mTLS knows this pod has a sidecar to speak mTLS to (Istio's label).
+    meta["labels"] = {**labels, TLS_MODE_LABEL: "istio"}
     return True
 
 
@@ -687,19 +703,20 @@ def _escape(key: str) -> str:
 
 def json_patch(old: dict, new: dict) -> list[dict]:
     """The RFC 6902 operations that turn pod ``old`` into ``new``, for what injection changes: annotations
-    one key at a time (other webhooks may add theirs), the container lists and volumes whole."""
+    and labels one key at a time (other webhooks may add theirs), the container lists and volumes whole."""
     ops: list[dict] = []
     old_meta, new_meta = old.get("metadata") or {}, new.get("metadata") or {}
-    old_ann, new_ann = old_meta.get("annotations"), new_meta.get("annotations") or {}
     if "metadata" not in old and new_meta:
         ops.append({"op": "add", "path": "/metadata", "value": {}})
-    if not isinstance(old_ann, dict):
-        if new_ann:
-            ops.append({"op": "add", "path": "/metadata/annotations", "value": new_ann})
-    else:
-        for k, v in new_ann.items():
-            if old_ann.get(k) != v:
-                ops.append({"op": "add", "path": f"/metadata/annotations/{_escape(k)}", "value": v})
+    for part in ("annotations", "labels"):
+        old_map, new_map = old_meta.get(part), new_meta.get(part) or {}
+        if not isinstance(old_map, dict):
+            if new_map:
+                ops.append({"op": "add", "path": f"/metadata/{part}", "value": new_map})
+        else:
+            for k, v in new_map.items():
+                if old_map.get(k) != v:
+                    ops.append({"op": "add", "path": f"/metadata/{part}/{_escape(k)}", "value": v})
     old_spec, new_spec = old.get("spec") or {}, new.get("spec") or {}
     for field in ("initContainers", "containers", "volumes"):
         if field in new_spec and old_spec.get(field) != new_spec[field]:

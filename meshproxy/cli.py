@@ -19,7 +19,10 @@ In a pod (``meshproxy.transparent``): ``--transparent`` makes the outbound
 listener (``outbound`` from the control plane, or the ``--listen`` one)
 transparent: it takes the connections iptables redirected and routes them by
 their original destination. ``--inbound-listen ADDR`` adds the transparent
-listener ``inbound`` to the local app (Istio's 15006). ``--ready ADDR``
+listener ``inbound`` to the local app (Istio's 15006); with ``--app ADDR`` (a
+local sidecar in front of an app at ADDR) the listener ``inbound`` is a plain
+one routing every request to the app, its connections mTLS or not per the
+PeerAuthentication of its port (``meshproxy.tls``). ``--ready ADDR``
 answers the kubelet's probes: ``/ready`` (200 once a config is in force and
 its listeners accept; 503 before and while draining) and ``/healthz``, the
 app's rewritten probes under ``/app-health/`` and ``POST /quitquitquit`` (a
@@ -55,6 +58,7 @@ from typing import Any
 
 from meshproxy import iptables
 from meshproxy.cliargs import Parser, address, bind_address, positive, seconds
+from meshproxy.telemetry import METRIC_NAME_STYLES
 
 __all__ = ["main"]
 
@@ -146,17 +150,50 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--labels", metavar="K=V,...", type=_labels, help="this pod's labels (with --control-plane)")
     run.add_argument(
         "--admin",
-        metavar="ADDR",
-        type=bind_address,
+        metavar="ADDR|off",
+        type=_address_or_off,
         default="127.0.0.1:15000",
-        help="admin service address (default 127.0.0.1:15000)",
+        help="the gRPC admin service meshproxy.admin.v1.Admin (with health and reflection); default 127.0.0.1:15000",
     )
     run.add_argument(
         "--metrics",
-        metavar="ADDR",
-        type=bind_address,
+        metavar="ADDR|off",
+        type=_address_or_off,
         default="0.0.0.0:15090",
-        help="Prometheus metrics address (default 0.0.0.0:15090)",
+        help="Prometheus metrics on GET /metrics (default 0.0.0.0:15090); off: none recorded",
+    )
+    run.add_argument(
+        "--metric-names",
+        choices=METRIC_NAME_STYLES,
+        default="meshproxy",
+        help="the request metrics' names: meshproxy_* (default) or Istio's istio_*, for existing dashboards",
+    )
+    run.add_argument(
+        "--access-log",
+        metavar="off|stdout|PATH",
+        default="off",
+        help="JSON access log lines to stdout or appended to a file (default off)",
+    )
+    run.add_argument(
+        "--access-log-sampling",
+        metavar="RATIO",
+        type=_ratio,
+        default=1.0,
+        help="the share of successful requests logged, 0 to 1 (default 1); failures are always logged",
+    )
+    run.add_argument(
+        "--trace-sampling",
+        metavar="RATIO",
+        type=_ratio,
+        default=1.0,
+        help="the share of traces the sidecar starts that are marked sampled, 0 to 1 (default 1)",
+    )
+    run.add_argument(
+        "--otlp-endpoint",
+        metavar="URL",
+        type=_http_url_any,
+        help="export a span per sampled request with OTLP/HTTP to this URL "
+        "(e.g. http://127.0.0.1:4318/v1/traces; needs the 'tracing' extra); default: no spans",
     )
     run.add_argument(
         "--concurrency",
@@ -185,6 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="a transparent listener for redirected inbound connections to the local app (e.g. 0.0.0.0:15006)",
     )
     run.add_argument(
+        "--app",
+        metavar="ADDR",
+        type=address,
+        help="with --inbound-listen: a plain (not transparent) inbound listener in front of the app at ADDR "
+        "(a local sidecar; ServiceEntry endpoints point at --inbound-listen)",
+    )
+    run.add_argument(
         "--ready",
         metavar="ADDR",
         type=bind_address,
@@ -203,6 +247,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     iptables.add_parser(sub)
     return parser
+
+
+def _address_or_off(value: str) -> str:
+    return value if value == "off" else bind_address(value)
+
+
+def _ratio(value: str) -> float:
+    try:
+        r = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not 0.0 <= r <= 1.0:  # NaN too
+        raise argparse.ArgumentTypeError(f"{value!r} must be between 0 and 1")
+    return r
+
+
+def _http_url_any(value: str) -> str:
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme.lower() not in ("http", "https") or not rest or rest.startswith("/"):
+        raise argparse.ArgumentTypeError(f"{value!r} is not an http:// or https:// URL")
+    return value
 
 
 def _http_url(value: str) -> str:
@@ -231,9 +296,28 @@ def listener_amendment(args: argparse.Namespace, outbound: str) -> Any:
             if inbound is None:
                 inbound = cfg.listeners.add(name=INBOUND_LISTENER)
             inbound.address = args.inbound_listen
-            inbound.transparent = True
+            if args.app:
+                _route_to_app(cfg, inbound, args.app)
+            else:
+                inbound.transparent = True
 
     return amend
+
+
+#: The cluster of ``--app``: the local app, as Istio names an inbound cluster.
+APP_CLUSTER = "inbound|app||"
+
+
+def _route_to_app(cfg: Any, inbound: Any, app: str) -> None:
+    """``--app``: the inbound listener routes every request to the cluster of the app at ``app``."""
+    inbound.transparent = False
+    del inbound.virtual_hosts[:]
+    route = inbound.virtual_hosts.add(name="app", domains=["*"]).routes.add(name="app")
+    route.match.prefix = "/"
+    route.route.clusters.add(cluster=APP_CLUSTER)
+    cluster = next((c for c in cfg.clusters if c.name == APP_CLUSTER), None) or cfg.clusters.add(name=APP_CLUSTER)
+    del cluster.endpoints[:]
+    cluster.endpoints.add(address=app)
 
 
 def load_config(args: argparse.Namespace) -> Any:
@@ -242,6 +326,8 @@ def load_config(args: argparse.Namespace) -> Any:
     for flag in ("node_id", "namespace", "workload", "labels"):
         if getattr(args, flag) is not None:
             raise config.ConfigError(f"--{flag.replace('_', '-')} goes with --control-plane")
+    if args.app and not args.inbound_listen:
+        raise config.ConfigError("--app goes with --inbound-listen")
     if args.config:
         if args.upstream:
             raise config.ConfigError("--upstream goes with --listen, not with --config")
@@ -273,6 +359,8 @@ def control_plane_node(args: argparse.Namespace) -> Any:
         raise config.ConfigError("--control-plane and --config are alternatives: give one")
     if args.upstream:
         raise config.ConfigError("--upstream goes with --listen, not with --control-plane")
+    if args.app and not args.inbound_listen:
+        raise config.ConfigError("--app goes with --inbound-listen")
     for flag in ("namespace", "workload"):
         if not getattr(args, flag):
             raise config.ConfigError(f"--control-plane needs --{flag}")
@@ -292,10 +380,52 @@ def control_plane_node(args: argparse.Namespace) -> Any:
     )
 
 
-def _run_worker(cfg: Any, args: argparse.Namespace, index: int = 0, node: Any = None) -> int:
+def telemetry_settings(args: argparse.Namespace) -> Any:
+    from meshproxy.telemetry import Settings
+
+    return Settings(
+        metrics=args.metrics != "off",
+        metric_names=args.metric_names,
+        access_log=None if args.access_log == "off" else args.access_log,
+        access_log_sampling=args.access_log_sampling,
+        trace_sampling=args.trace_sampling,
+        otlp_endpoint=args.otlp_endpoint,
+    )
+
+
+def _config_source(args: argparse.Namespace) -> str:
+    if args.control_plane:
+        return f"control-plane:{args.control_plane}"
+    if args.config:
+        return f"file:{os.path.abspath(args.config)}"
+    return "flags"
+
+
+async def _serve_operations(worker: Any, args: argparse.Namespace, settings: Any, rundir: str | None) -> None:
+    """The admin service and /metrics. Worker 0 serves them for the whole sidecar; with several
+    workers, each other worker answers worker 0 on a private unix socket in ``rundir``."""
+    from meshproxy import admin
+    from meshproxy.config import parse_address
+
+    peers = [os.path.join(rundir, f"worker-{i}.sock") for i in range(1, worker.workers)] if rundir else []
+    if worker.index:
+        await admin.start(worker, None, [], os.path.join(rundir, f"worker-{worker.index}.sock"))
+        return
+    public = parse_address(args.admin, listener=True) if args.admin != "off" else None
+    await admin.start(worker, public, peers, None)
+    if args.metrics != "off":
+        from meshproxy.admin.peers import Peers
+        from meshproxy.telemetry import metrics
+
+        host, port = parse_address(args.metrics, listener=True)
+        await metrics.serve(worker, host, port, settings, Peers(peers) if peers else None)
+
+
+def _run_worker(cfg: Any, args: argparse.Namespace, index: int = 0, node: Any = None, rundir: str | None = None) -> int:
     """One worker: ``cfg`` is the config, or None with ``node`` to take it from the control plane."""
     import uvloop
 
+    from meshproxy import telemetry
     from meshproxy.config import parse_address
     from meshproxy.subscription import OUTBOUND_LISTENER
     from meshproxy.worker import Worker
@@ -303,28 +433,50 @@ def _run_worker(cfg: Any, args: argparse.Namespace, index: int = 0, node: Any = 
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     amend = listener_amendment(args, OUTBOUND_LISTENER if node is not None else "main")
-    worker = Worker(cfg, loop, drain_timeout=args.drain_timeout, amend=amend)
-    worker.admin_address = args.admin
-    worker.metrics_address = args.metrics
+    worker = Worker(cfg, loop, drain_timeout=args.drain_timeout, amend=amend, index=index, workers=args.concurrency)
+    worker.config_log.source = _config_source(args)
+    # A drain that ends the process (POST /quitquitquit, the admin Shutdown), as SIGTERM does: this
+    # worker, or every worker through the supervisor.
+    worker.shutdown = worker.drain if args.concurrency == 1 else partial(os.kill, os.getppid(), signal.SIGTERM)
+    settings = telemetry_settings(args)
+    try:
+        telemetry.install(worker, settings)
+    except RuntimeError as e:  # e.g. --otlp-endpoint without the tracing extra
+        print(f"meshproxy: error: {e}", file=sys.stderr)
+        return 2
     try:
         if args.ready:
             from meshproxy import ready
 
-            # POST /quitquitquit drains as SIGTERM does: this worker, or every worker through the supervisor
-            shutdown = worker.drain if args.concurrency == 1 else partial(os.kill, os.getppid(), signal.SIGTERM)
             loop.run_until_complete(
                 ready.serve(
-                    parse_address(args.ready, listener=True), lambda: worker.ready, lambda: worker.draining, shutdown
+                    parse_address(args.ready, listener=True),
+                    lambda: worker.ready,
+                    lambda: worker.draining,
+                    worker.shutdown,
                 )
             )
+        loop.run_until_complete(_serve_operations(worker, args, settings, rundir))
         loop.run_until_complete(worker.start())
     except OSError as e:
         print(f"meshproxy: error: cannot listen: {e.strerror or e}", file=sys.stderr)
         return 1
     worker.install_signals()
+    if _early_signals:
+        worker.drain()
     subscription = None
+    identity = None
     if node is not None:
+        from meshproxy import tls
+        from meshproxy.identity import IdentityClient, file_token_source
         from meshproxy.subscription import Subscription
+
+        # The workload certificate (SignCertificate, renewed at half its life) and the config's
+        # Security: mTLS both ways and authorization (meshproxy.tls, meshproxy.authz).
+        identity = IdentityClient(args.control_plane, file_token_source(), namespace=args.namespace)
+        tls.install(worker, identity)
+        identity.start(loop)
+        worker.on_drain.append(identity.stop)
 
         subscription = Subscription(
             worker,
@@ -344,6 +496,9 @@ def _run_worker(cfg: Any, args: argparse.Namespace, index: int = 0, node: Any = 
     loop.run_until_complete(worker.wait_stopped())
     if subscription is not None:
         loop.run_until_complete(subscription.wait_closed())
+    if identity is not None:
+        loop.run_until_complete(identity.wait_closed())
+    telemetry.close(worker)
     loop.close()
     return 0
 
@@ -354,42 +509,72 @@ def _reload(worker: Any, path: str) -> None:
 
     try:
         cfg = config.load_file(path)
-        worker.apply(cfg)
+    except config.ConfigError as e:
+        worker.config_log.rejected("", str(e))
+        log.error("config reload refused, keeping version %r: %s", worker.runtime.version, e)
+        return
+    try:
+        worker.apply(cfg)  # records a refusal itself
     except config.ConfigError as e:
         log.error("config reload refused, keeping version %r: %s", worker.runtime.version, e)
         return
     log.warning("config version %r in force", cfg.version)
 
 
+_early_signals: list[int] = []
+
+
+def _early_signal(signum: int, _frame: Any) -> None:
+    _early_signals.append(signum)
+
+
 def _supervise(cfg: Any, args: argparse.Namespace, node: Any = None) -> int:
     """Fork ``--concurrency`` workers; forward SIGTERM/SIGINT; exit 0 if they all did."""
-    children = []
-    for index in range(args.concurrency):
-        pid = os.fork()
-        if pid == 0:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            code = 1
-            try:
-                code = _run_worker(cfg, args, index, node)
-            finally:
-                os._exit(code)
-        children.append(pid)
+    import shutil
+    import tempfile
+
+    # Where workers 1..N-1 answer worker 0's admin calls (metrics, clusters): private to this sidecar.
+    rundir = tempfile.mkdtemp(prefix="meshproxy-")
+    children: list[int] = []
+    stopping: list[int] = []
 
     def forward(signum: int, _frame: Any) -> None:
         # SIGTERM and SIGINT drain every worker; SIGHUP makes each re-read the config (or log that it will not).
         sig = signal.SIGHUP if signum == signal.SIGHUP else signal.SIGTERM
+        if sig == signal.SIGTERM:
+            stopping.append(sig)
         for pid in children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
 
+    # Installed before the first fork: a signal that comes while the workers start is not lost.
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, forward)
+    for index in range(args.concurrency):
+        if stopping:
+            break
+        pid = os.fork()
+        if pid == 0:
+            # Until the worker's loop takes over the signals, a stop signal is remembered (the worker
+            # drains as soon as it runs); the default action would kill a starting worker.
+            signal.signal(signal.SIGTERM, _early_signal)
+            signal.signal(signal.SIGINT, _early_signal)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            code = 1
+            try:
+                code = _run_worker(cfg, args, index, node, rundir)
+            finally:
+                os._exit(code)
+        children.append(pid)
+    if stopping:
+        # A stop that came between a fork and its append: tell every worker again (draining twice is a no-op).
+        forward(signal.SIGTERM, None)
     status = 0
     for pid in children:
         _, code = os.waitpid(pid, 0)  # retried across our signal handlers (PEP 475)
         if os.waitstatus_to_exitcode(code) != 0:
             status = 1
+    shutil.rmtree(rundir, ignore_errors=True)
     return status
 
 
@@ -421,6 +606,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"meshproxy: error: {e}", file=sys.stderr)
         return 2
+    if args.otlp_endpoint:
+        from meshproxy.telemetry import tracing
+
+        try:
+            tracing.check_available()  # once, before any worker starts
+        except tracing.TracingUnavailable as e:
+            print(f"meshproxy: error: {e}", file=sys.stderr)
+            return 2
     if args.concurrency == 1:
         return _run_worker(cfg, args, 0, node)
     if node is not None:

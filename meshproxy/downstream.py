@@ -18,11 +18,12 @@ import logging
 import random
 from typing import TYPE_CHECKING, Any
 
+from meshproxy.authz import DENIED
 from meshproxy.conn import h2conn as h2
 from meshproxy.resilience import outlier
 from meshproxy.resilience.policy import MAX_REDISPATCH, FaultPolicy, grpc_for_http, http_for_grpc
 from meshproxy.transport import H2Protocol
-from meshproxy.upstream import CONNECT_FAILURE, OVERFLOW
+from meshproxy.upstream import OVERFLOW
 
 if TYPE_CHECKING:
     from meshproxy.upstream import Endpoint, Subset
@@ -58,6 +59,7 @@ class Request:
     __slots__ = (
         "active_at",
         "activity",
+        "authz",
         "backoff",
         "deadline_ns",
         "done",
@@ -66,6 +68,8 @@ class Request:
         "flags",
         "hash_header",
         "index",
+        "listener",
+        "peer",
         "redispatched",
         "retries",
         "retrying",
@@ -77,9 +81,14 @@ class Request:
         "up",
     )
 
-    def __init__(self, down: h2.Stream, route: Any, start_ns: int) -> None:
+    def __init__(self, down: h2.Stream, route: Any, start_ns: int, listener: str, peer: Any = None) -> None:
         self.down = down
         self.route = route
+        self.listener = listener  # the name of the listener it came in on
+        # The downstream's verified identity (meshproxy.tls.Peer) when it came over mTLS, else None.
+        self.peer = peer
+        # meshproxy.authz.Decision, when the inbound listener's policies were checked (else None).
+        self.authz: Any = None
         self.start_ns = start_ns
         self.up: h2.Stream | None = None
         self.endpoint: Endpoint | None = None
@@ -103,6 +112,23 @@ class Request:
     @property
     def response_flags(self) -> str:
         return self.flags or self.down.response_flags or ""
+
+    @property
+    def source_principal(self) -> str:
+        """The downstream's principal ("cluster.local/ns/x/sa/y") when it came over mTLS, else ""."""
+        peer = self.peer
+        return peer.principal if peer is not None else ""
+
+    @property
+    def connection_security_policy(self) -> str:
+        """Istio's label: "mutual_tls" when the downstream came over mTLS, else "none"."""
+        return "mutual_tls" if self.peer is not None else "none"
+
+    @property
+    def authz_policy(self) -> str:
+        """The authorization policy that decided (allowed or denied) this request, "" when none did."""
+        d = self.authz
+        return d.policy if d is not None else ""
 
 
 class TryTimeouts:
@@ -293,17 +319,30 @@ def respond_error(stream: h2.Stream, err: tuple[str, int, int, str], detail: str
 
 
 class DownstreamProtocol(H2Protocol):
-    """One accepted HTTP/2 connection on a listener."""
+    """One accepted HTTP/2 connection on a listener.
 
-    __slots__ = ("idle_since", "listener")
+    Inbound (the workload's own listener) with mTLS configured, it also knows ``peer``, the
+    verified identity of the other end (None: plaintext), ``port``, the workload port the
+    connection was for, and ``security``, the worker's ``meshproxy.tls.Security``, whose
+    authorization policies each request is checked against. Elsewhere those are None and 0.
+    """
 
-    def __init__(self, worker: Worker, listener: str) -> None:
+    __slots__ = ("idle_since", "listener", "peer", "port", "security")
+
+    def __init__(self, worker: Worker, listener: str, peer: Any = None, port: int = 0, security: Any = None) -> None:
         conn = h2.H2Connection(
             False, worker.outbox, worker.downstream_settings(listener), hold=True, generate_request_id=True
         )
         super().__init__(worker, conn)
         self.listener = listener
         self.idle_since = 0.0
+        self.peer = peer
+        self.port = port
+        self.security = security
+        if worker.trace_mode:
+            # meshproxy.telemetry.tracing: the trace headers the core ensures on each forwarded request.
+            conn.trace_mode = worker.trace_mode
+            conn.trace_sampling = worker.trace_sampling
 
     def check_idle(self, now: float, idle_timeout: float, now_ns: int, stream_idle_ns: int) -> None:
         """The worker's sweep (each second): GOAWAY once the connection has had no stream for
@@ -367,8 +406,15 @@ class DownstreamProtocol(H2Protocol):
         s.notify_close = True
         table = runtime.tables.get(self.listener)
         route = table.match(s.authority or b"", s.path or b"", s.method, s.headers) if table is not None else None
-        req = Request(s, route, s.t_open_ns)
+        req = Request(s, route, s.t_open_ns, self.listener, self.peer)
         s.user = req
+        sec = self.security
+        if sec is not None and sec.authz is not None:
+            decision = sec.authz.check(self.peer, self.port, s)
+            req.authz = decision
+            if not decision.allowed:
+                respond_error(s, DENIED)
+                return
         if route is None:
             respond_error(s, NO_ROUTE)
             return
@@ -496,7 +542,7 @@ class DownstreamProtocol(H2Protocol):
         if s.state == "closed":
             return
         if c is None:
-            if failure is CONNECT_FAILURE and req.redispatched < MAX_REDISPATCH:
+            if failure[0] == "UF" and req.redispatched < MAX_REDISPATCH:
                 # No upstream saw it: always safe to send elsewhere.
                 req.redispatched += 1
                 self._end_attempt(req)

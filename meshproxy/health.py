@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from meshproxy.config import field_s
 from meshproxy.conn import h2conn as h2
 from meshproxy.errors import H2Error
+from meshproxy.tls import upstream_args, upstream_peer
 from meshproxy.wire import MessageReader, grpc_frame, read_varint, varint
 
 if TYPE_CHECKING:
@@ -153,7 +154,10 @@ class _Settings:
 class _Check:
     """The checks of one endpoint: its task and connection."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, endpoint: Endpoint, settings: _Settings) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, endpoint: Endpoint, settings: _Settings, worker: Any = None
+    ) -> None:
+        self.worker = worker  # for mTLS to endpoints of ISTIO_MUTUAL clusters (meshproxy.tls)
         self.endpoint = endpoint
         self.settings = settings
         self.fails = 0
@@ -207,7 +211,11 @@ class _Check:
         ep = self.endpoint
         if self.conn is None or self.conn.terminated or self.conn.goaway_received:
             self._disconnect()
-            self.reader, self.writer = await asyncio.open_connection(ep.host, ep.port)
+            # As the requests do: mTLS to an endpoint of an ISTIO_MUTUAL cluster, its identity checked.
+            tls = upstream_args(self.worker, ep) if self.worker is not None else {}
+            self.reader, self.writer = await asyncio.open_connection(ep.host, ep.port, **tls)
+            if tls:
+                upstream_peer(self.worker, ep, self.writer.get_extra_info("peercert"))  # PeerRefused: an OSError
             self.conn = h2.H2Connection(True)
             self.conn.initiate()
         return await _exchange(self.conn, self.reader, self.writer, ep.address, self.settings.service)
@@ -221,8 +229,9 @@ class _Check:
 class HealthChecker:
     """One worker's active health checks."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, worker: Any = None) -> None:
         self.loop = loop
+        self.worker = worker
         self._checks: dict[tuple[str, str], _Check] = {}
 
     def update(self, runtime: Runtime) -> None:
@@ -246,7 +255,7 @@ class HealthChecker:
                 del self._checks[key]
         for key, (ep, settings) in wanted.items():
             if key not in self._checks:
-                self._checks[key] = _Check(self.loop, ep, settings)
+                self._checks[key] = _Check(self.loop, ep, settings, self.worker)
 
     def stop(self) -> None:
         for check in self._checks.values():

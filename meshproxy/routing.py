@@ -110,6 +110,7 @@ class Route:
         "hash_header",
         "name",
         "retry",
+        "stats_id",
         "timeout_s",
         "virtual_host",
     )
@@ -117,6 +118,7 @@ class Route:
     def __init__(self, cfg: RouteConfig, virtual_host: str) -> None:
         self.name = cfg.name
         self.virtual_host = virtual_host
+        self.stats_id = -1  # meshproxy.telemetry.metrics: the id of its per-route stats (-1: none)
         timeout = duration_s(cfg.timeout) if cfg.HasField("timeout") else 0.0
         self.timeout_s = timeout or None
         rp = cfg.retry_policy

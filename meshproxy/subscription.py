@@ -302,16 +302,21 @@ class Subscription:
         for ls in cfg.listeners:
             if ls.name == OUTBOUND_LISTENER:
                 ls.address = self.listen
+        checked = False
         try:
             validate(cfg)
             if self.shared_ports:
                 for i, ls in enumerate(cfg.listeners):
                     if parse_address(ls.address, listener=True)[1] == 0:
                         raise ConfigError(f"listeners[{i}].address", "port 0 cannot be shared by several workers")
+            checked = True
             await self.worker.reconfigure(cfg)
         except Exception as e:
             known = isinstance(e, ConfigError)
             reason = _one_line(str(e) if known else f"{type(e).__name__}: {e}")
+            if not (checked and known):
+                # The worker records the ConfigErrors of reconfigure itself; these it never saw.
+                self.worker.config_log.rejected(version, reason)
             log.error(
                 "config version %r refused, keeping version %r: %s", version, self.version, reason, exc_info=not known
             )

@@ -21,10 +21,25 @@ Owns what happens to a redirected connection before it is either an HTTP/2 conne
   is passed through, and so is silence: a server-first protocol (MySQL, SMTP) gets its banner
   after the timeout. Ports in ``opaque_ports`` skip detection;
 - TCP passthrough: to an endpoint of the cluster picked by its balancer (another one after a
-  connect failure, up to three tries), or to the destination itself; bytes are copied both
+  connect failure, up to three tries), or to the destination itself; to an endpoint of a
+  cluster with ISTIO_MUTUAL (``meshproxy.tls``) inside mTLS, ALPN ``meshproxy-tcp``, the
+  server's SPIFFE id checked before a byte goes out; bytes are copied both
   ways untouched, with back-pressure (a side whose write buffer is over its high-water mark
   stops the other side's reading), half-close passed on (``write_eof``) and both ends
   closed when either ends, aborted when either fails.
+
+- inbound mTLS (``meshproxy.tls``), when the config has ``Security``: the PeerAuthentication
+  mode of the destination port decides. DISABLE: as above (a ClientHello is passed through).
+  PERMISSIVE: a ClientHello (first bytes 0x16 0x03) offering the mesh's ALPN mark is TLS,
+  terminated here with the workload certificate; another ClientHello (the app's own TLS) and
+  anything else are detected as above. STRICT: TLS (any) or the connection is closed. Once
+  the handshake is done and the peer's SPIFFE id is of our trust domain, ALPN h2 hands the
+  connection to a ``DownstreamProtocol`` that knows the peer, and anything else is passed
+  through to the app in plaintext. Every inbound HTTP/2 connection, TLS or not, is given the
+  worker's ``Security`` and its port for authorization.
+
+``InboundProtocol`` does the same for the non-transparent listener named ``inbound`` (a local
+sidecar's, in front of an app it routes to): the port is the one the listener was dialled on.
 
 Everything here runs once per connection (and per read burst of a passthrough); a plain
 listener never reaches this module.
@@ -46,6 +61,21 @@ from meshproxy.conn import h2conn as h2
 from meshproxy.downstream import DownstreamProtocol
 from meshproxy.resilience import outlier
 from meshproxy.routing import RouteTable
+from meshproxy.tls import (
+    ALPN_TCP,
+    DISABLE,
+    HANDSHAKE_TIMEOUT,
+    STRICT,
+    PeerRefused,
+    accept,
+    client_hello_alpn,
+    describe,
+    is_mesh_hello,
+    is_tls_record,
+    security_of,
+    upstream_args,
+    upstream_peer,
+)
 from meshproxy.upstream import PEAK_EWMA, Cluster
 
 if TYPE_CHECKING:
@@ -55,6 +85,7 @@ __all__ = [
     "DEFAULT_DETECTION_TIMEOUT",
     "INBOUND_LISTENER",
     "PREFACE",
+    "InboundProtocol",
     "Index",
     "Passthrough",
     "TransparentProtocol",
@@ -206,7 +237,19 @@ def install_local(
 class TransparentProtocol(asyncio.Protocol):
     """A connection accepted on a transparent listener, until it is HTTP/2 or a passthrough."""
 
-    __slots__ = ("buffer", "cluster", "destination", "listener", "mode", "target", "timer", "transport", "worker")
+    __slots__ = (
+        "buffer",
+        "cluster",
+        "destination",
+        "listener",
+        "mode",
+        "sec",
+        "target",
+        "timer",
+        "tls_mode",
+        "transport",
+        "worker",
+    )
 
     def __init__(self, worker: Worker, listener: str) -> None:
         self.worker = worker
@@ -218,6 +261,8 @@ class TransparentProtocol(asyncio.Protocol):
         self.cluster: str | None = None  # the destination's cluster, outbound
         self.target: tuple[str, int] | None = None  # where a passthrough goes when there is no cluster
         self.mode: Mode | None = None
+        self.sec: Any = None  # inbound with mTLS configured: the worker's meshproxy.tls.Security
+        self.tls_mode = DISABLE  # inbound: PERMISSIVE or STRICT when TLS is looked for
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -243,6 +288,14 @@ class TransparentProtocol(asyncio.Protocol):
         port = dest[1]
         if mode.inbound:
             self.target = (LOCAL_HOST, port)
+            sec = self.sec = security_of(worker)
+            if sec is not None:
+                self.tls_mode = sec.mode_for(port)
+                if self.tls_mode != DISABLE:
+                    # Opaque or not, the first bytes say whether it is TLS; STRICT waits as long as a handshake may.
+                    wait = HANDSHAKE_TIMEOUT if self.tls_mode == STRICT else mode.detection_timeout
+                    self.timer = worker.loop.call_later(wait, self._timed_out)
+                    return
         else:
             self.cluster = index.destinations.get(dest)
             if self.cluster is None:
@@ -257,6 +310,32 @@ class TransparentProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         buf = self.buffer + data if self.buffer else data
+        if self.tls_mode != DISABLE:
+            if len(buf) < 2:
+                self.buffer = buf
+                return
+            self.buffer = buf
+            if is_tls_record(buf):
+                if self.tls_mode == STRICT:
+                    self._tls()
+                    return
+                # PERMISSIVE: the mesh's mTLS is terminated here, an app's own TLS goes to the app.
+                alpn = client_hello_alpn(buf)
+                if alpn is None:
+                    return  # the rest of the ClientHello (or the timeout)
+                if is_mesh_hello(alpn):
+                    self._tls()
+                    return
+                self.tls_mode = DISABLE
+                self._passthrough()
+                return
+            if self.tls_mode == STRICT:
+                self._refuse_plaintext()
+                return
+            self.tls_mode = DISABLE  # PERMISSIVE, plaintext: detected as any other
+            if self.destination[1] in self.mode.opaque:
+                self._passthrough()
+                return
         if len(buf) < len(PREFACE) and PREFACE.startswith(buf):
             self.buffer = buf  # maybe HTTP/2: wait for the rest of the preface (or the timeout)
             return
@@ -268,13 +347,47 @@ class TransparentProtocol(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         # The client half-closed before we decided: whatever it sent goes through as TCP.
+        if self.tls_mode == STRICT:
+            self._refuse_plaintext()
+            return True
         self._passthrough(eof=True)
         return True
 
     def _timed_out(self) -> None:
         self.timer = None
         if self.transport is not None and not self.transport.is_closing():
-            self._passthrough()
+            if self.tls_mode == STRICT:
+                self._refuse_plaintext()
+            else:
+                self._passthrough()
+
+    def _refuse_plaintext(self) -> None:
+        self._cancel()
+        transport, self.transport = self.transport, None
+        self.buffer = b""
+        self.sec.plaintext_refused += 1
+        log.info(
+            "listener %s: plaintext connection from %s to port %d refused (mTLS STRICT)",
+            self.listener,
+            _show(transport.get_extra_info("peername")),
+            self.destination[1],
+        )
+        transport.abort()
+
+    def _tls(self) -> None:
+        self._cancel()
+        transport, self.transport = self.transport, None
+        data, self.buffer = self.buffer, b""
+        what = f"listener {self.listener}: {_show(transport.get_extra_info('peername'))} to port {self.destination[1]}"
+        accept(self.worker.loop, transport, data, self.sec, self._secured, what)
+
+    def _secured(self, transport: Any, peer: Any) -> None:
+        """The TLS handshake is done and ``peer`` is of our trust domain: HTTP/2 or a passthrough to the app."""
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
+            self._downstream(transport, b"", peer)
+        else:
+            Passthrough(self.worker, transport, self.listener, self.destination, None, self.target, b"", False)
 
     def _cancel(self) -> None:
         if self.timer is not None:
@@ -283,17 +396,24 @@ class TransparentProtocol(asyncio.Protocol):
 
     def _http2(self) -> None:
         self._cancel()
-        worker = self.worker
-        listener = self.listener
-        if self.mode.inbound:
-            listener = install_local(worker.runtime, listener, self.destination[1])
-        proto = DownstreamProtocol(worker, listener)
         transport = self.transport
         data, self.buffer = self.buffer, b""
         self.transport = None
+        self._downstream(transport, data, None)
+
+    def _downstream(self, transport: Any, data: bytes, peer: Any) -> None:
+        worker = self.worker
+        listener = self.listener
+        if self.mode.inbound:
+            port = self.destination[1]
+            listener = install_local(worker.runtime, listener, port)
+            proto = DownstreamProtocol(worker, listener, peer, port, self.sec)
+        else:
+            proto = DownstreamProtocol(worker, listener)
         transport.set_protocol(proto)
         proto.connection_made(transport)
-        proto.data_received(data)
+        if data:
+            proto.data_received(data)
 
     def _passthrough(self, eof: bool = False) -> None:
         self._cancel()
@@ -303,6 +423,92 @@ class TransparentProtocol(asyncio.Protocol):
         self.transport = None
         data, self.buffer = self.buffer, b""
         Passthrough(self.worker, transport, self.listener, self.destination, self.cluster, self.target, data, eof)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel()
+        self.transport = None
+
+
+class InboundProtocol(asyncio.Protocol):
+    """A connection to the non-transparent inbound listener (a local sidecar's, in front of its
+    app): with mTLS configured, TLS or plaintext per the mode of the port it was dialled on, as a
+    transparent inbound listener decides; then HTTP/2 on the listener's own routes."""
+
+    __slots__ = ("buffer", "listener", "port", "sec", "timer", "tls_mode", "transport", "worker")
+
+    def __init__(self, worker: Worker, listener: str) -> None:
+        self.worker = worker
+        self.listener = listener
+        self.transport: Any = None
+        self.buffer = b""
+        self.timer: asyncio.TimerHandle | None = None
+        self.sec: Any = None
+        self.port = 0
+        self.tls_mode = DISABLE
+
+    def connection_made(self, transport: Any) -> None:
+        worker = self.worker
+        local = transport.get_extra_info("sockname")
+        self.port = local[1] if local else 0
+        sec = self.sec = security_of(worker)
+        self.tls_mode = sec.mode_for(self.port) if sec is not None else DISABLE
+        if self.tls_mode == DISABLE:
+            self._downstream(transport, b"", None)
+            return
+        self.transport = transport
+        self.timer = worker.loop.call_later(HANDSHAKE_TIMEOUT, self._timed_out)
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buffer + data if self.buffer else data
+        if len(buf) < 2:
+            self.buffer = buf
+            return
+        self._cancel()
+        transport, self.transport = self.transport, None
+        self.buffer = b""
+        what = f"listener {self.listener}: {_show(transport.get_extra_info('peername'))}"
+        if is_tls_record(buf):
+            accept(self.worker.loop, transport, buf, self.sec, self._secured, what)
+        elif self.tls_mode == STRICT:
+            self.sec.plaintext_refused += 1
+            log.info("%s: plaintext connection refused (mTLS STRICT)", what)
+            transport.abort()
+        else:
+            self._downstream(transport, buf, None)
+
+    def _secured(self, transport: Any, peer: Any) -> None:
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is None or ssl_object.selected_alpn_protocol() != "h2":
+            log.info("listener %s: mTLS from %s without ALPN h2: closed", self.listener, peer.spiffe_id)
+            transport.close()
+            return
+        self._downstream(transport, b"", peer)
+
+    def _downstream(self, transport: Any, data: bytes, peer: Any) -> None:
+        proto = DownstreamProtocol(self.worker, self.listener, peer, self.port, self.sec)
+        transport.set_protocol(proto)
+        proto.connection_made(transport)
+        if data:
+            proto.data_received(data)
+
+    def eof_received(self) -> bool:
+        self._close()
+        return True
+
+    def _timed_out(self) -> None:
+        self.timer = None
+        self._close()
+
+    def _close(self) -> None:
+        self._cancel()
+        transport, self.transport = self.transport, None
+        if transport is not None:
+            transport.abort()
+
+    def _cancel(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel()
@@ -322,10 +528,11 @@ def _show(address: Any) -> str:
 class _Side(asyncio.Protocol):
     """One end of a passthrough: what it reads goes to the other end's transport."""
 
-    __slots__ = ("eof", "peer", "pending", "pending_eof", "pending_size", "pipe", "transport")
+    __slots__ = ("bytes_in", "eof", "peer", "pending", "pending_eof", "pending_size", "pipe", "transport")
 
     def __init__(self, pipe: Passthrough) -> None:
         self.pipe = pipe
+        self.bytes_in = 0  # read from this end (the metrics read it at scrape time)
         self.peer: _Side = self  # the other end, set by the pipe
         self.transport: Any = None
         self.eof = False  # this end sent EOF (and we passed it on, or will)
@@ -340,6 +547,7 @@ class _Side(asyncio.Protocol):
             self.pipe.connected()
 
     def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
         other = self.peer
         if other.transport is None:
             self.pending.append(data)
@@ -399,6 +607,7 @@ class Passthrough:
         "picked",
         "started_ns",
         "task",
+        "tls",
         "upstream",
         "worker",
     )
@@ -421,13 +630,14 @@ class Passthrough:
         self.picked: tuple[Any, int] | None = None  # (subset, index) to tell the balancer when done
         self.started_ns = 0
         self.closed = False
+        self.tls = False  # the upstream connection is mTLS (its server's identity checked before a byte goes)
         self.client = _Side(self)
         self.upstream = _Side(self)
         self.client.peer, self.upstream.peer = self.upstream, self.client
         self.client.connection_made(transport)
         if data:
             self.client.pending.append(data)
-            self.client.pending_size = len(data)
+            self.client.pending_size = self.client.bytes_in = len(data)
         self.client.pending_eof = eof
         self.client.eof = eof
         transport.set_protocol(self.client)
@@ -449,11 +659,13 @@ class Passthrough:
                 host, port, timeout = ep.host, ep.port, ep.cluster.connect_timeout
             self.started_ns = h2.monotonic_ns()
             try:
+                kw = upstream_args(self.worker, ep, ALPN_TCP) if ep is not None else {}
+                self.tls = bool(kw)
                 # The upstream side's connection_made calls connected().
-                await asyncio.wait_for(loop.create_connection(lambda: self.upstream, host, port), timeout)
+                await asyncio.wait_for(loop.create_connection(lambda: self.upstream, host, port, **kw), timeout)
                 return
-            except (OSError, TimeoutError) as e:
-                log.debug("passthrough to %s:%s failed: %s", host, port, e)
+            except (OSError, TimeoutError) as e:  # ssl.SSLError and PeerRefused are OSErrors
+                log.debug("passthrough to %s:%s failed: %s", host, port, describe(e))
                 if ep is not None:
                     self._done_with_endpoint(ep, failed=True)
                     tried.append(ep)
@@ -497,9 +709,20 @@ class Passthrough:
         if self.closed:  # the client went away while we connected
             upstream.transport.abort()
             return
+        if self.tls:
+            try:
+                upstream_peer(self.worker, self.endpoint, upstream.transport.get_extra_info("peercert"))
+            except PeerRefused as e:
+                log.info("passthrough to %s: %s: connection closed", self.endpoint.address, e)
+                self._done_with_endpoint(self.endpoint, failed=True)
+                self.close(abort=True)
+                return
         sock = upstream.transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # Before the endpoint is let go below: the metrics label the connection by it.
+        for hook in self.worker.on_tcp_open:
+            hook(self)
         picked = self.picked
         if picked is not None and picked[0].policy == PEAK_EWMA:
             # Peak EWMA learns the connect time; a connection's lifetime says nothing of the endpoint.
@@ -533,6 +756,8 @@ class Passthrough:
             return
         self.closed = True
         self.worker.passthroughs.discard(self)
+        for hook in self.worker.on_tcp_close:
+            hook(self)
         if self.endpoint is not None:
             self._done_with_endpoint(self.endpoint, failed=False)
             self.endpoint = None

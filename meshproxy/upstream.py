@@ -22,12 +22,20 @@ request waits for a stream on the ones there are, or overflows when there
 are none) are answered at once with OVERFLOW. Outlier detection, when
 configured, takes ejected endpoints out of every subset's balancer
 (``set_available``) and puts them back when their time is up (``sweep``).
+
+A cluster whose ``tls`` is ISTIO_MUTUAL connects to its endpoints (but its
+``plaintext_endpoints``) with the worker's client context (``meshproxy.tls``):
+TLS 1.3, ALPN h2, the workload certificate. A server whose chain does not
+verify, or whose SPIFFE id is not one the cluster allows, fails the connect
+like a refused TCP connect does (flag UF, the TLS reason in the message),
+and counts for outlier detection the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -37,12 +45,13 @@ from meshproxy.conn import h2conn as h2
 from meshproxy.lb import balancer
 from meshproxy.resilience import outlier
 from meshproxy.resilience.policy import DEFAULT_BUDGET, budget_args, new_budget
+from meshproxy.tls import PeerRefused, describe, upstream_args, upstream_peer
 from meshproxy.transport import H2Protocol
 
 if TYPE_CHECKING:
     from meshproxy.worker import Worker
 
-__all__ = ["Cluster", "ClusterState", "Endpoint", "Subset", "UpstreamProtocol"]
+__all__ = ["Cluster", "ClusterState", "Endpoint", "Subset", "UpstreamProtocol", "connect_failure"]
 
 log = logging.getLogger("meshproxy.upstream")
 
@@ -53,6 +62,11 @@ EV_TERMINATED = h2.EV_TERMINATED
 # Connection failures, as the downstream sees them: (response flag, grpc status, http status, message).
 CONNECT_FAILURE = ("UF", 14, 503, "upstream connect error")
 OVERFLOW = ("UO", 14, 503, "upstream connection pool overflow")
+
+
+def connect_failure(reason: str) -> tuple:
+    """A connect failure (flag UF) whose message says why: a TLS failure, a refused peer identity."""
+    return ("UF", 14, 503, f"upstream connect error: {reason}")
 
 
 class Endpoint:
@@ -67,8 +81,10 @@ class Endpoint:
         "host",
         "index",
         "labels",
+        "mtls",
         "placements",
         "port",
+        "stats_base",
         "unhealthy",
         "waiters",
         "weight",
@@ -76,10 +92,13 @@ class Endpoint:
 
     def __init__(self, cluster: Cluster, address: str, weight: int, labels: dict[str, str]) -> None:
         self.cluster = cluster
+        self.stats_base = -1  # meshproxy.telemetry.metrics: the id of its label set (-1: none yet)
         self.address = address
         self.host, self.port = parse_address(address)
         self.weight = weight or 1
         self.labels = labels
+        # Connect with mTLS (the cluster's ISTIO_MUTUAL, this endpoint not a plaintext one); set by the cluster.
+        self.mtls = False
         self.index = -1  # in cluster.endpoints
         self.unhealthy = False  # active health checks' verdict (meshproxy.health)
         # Outlier detection has seen a failure since the last success: the next success must be recorded.
@@ -132,17 +151,24 @@ class Endpoint:
 
     async def _connect(self, worker: Worker) -> None:
         loop = worker.loop
+        failure = CONNECT_FAILURE
         try:
+            tls = upstream_args(worker, self)  # {} for plaintext
             _, proto = await asyncio.wait_for(
-                loop.create_connection(lambda: UpstreamProtocol(worker, self), self.host, self.port),
+                loop.create_connection(lambda: UpstreamProtocol(worker, self, bool(tls)), self.host, self.port, **tls),
                 self.cluster.connect_timeout,
             )
-        except (TimeoutError, OSError) as e:
+            if proto.refused:
+                raise PeerRefused(proto.refused)
+        except (TimeoutError, OSError) as e:  # ssl.SSLError and PeerRefused are OSErrors
+            if isinstance(e, ssl.SSLError | PeerRefused):
+                failure = connect_failure(f"TLS error: {describe(e)}")
+                log.info("mTLS to %s (%s) failed: %s", self.address, self.cluster.name, describe(e))
             self.connecting -= 1
             log.debug("connect to %s failed: %s", self.address, e)
             self.cluster.record(self, outlier.LOCAL_ORIGIN_FAILURE, h2.monotonic_ns())
             if self.connecting == 0 and not self.conns:
-                self.fail_waiters(CONNECT_FAILURE)
+                self.fail_waiters(failure)
                 worker.outbox.flush()
             return
         self.connecting -= 1
@@ -261,6 +287,8 @@ S = 1_000_000_000  # a second in ns
 
 # meshproxy.v1.Cluster.LbPolicy values
 PEAK_EWMA, ROUND_ROBIN, RANDOM, LEAST_REQUEST, RING_HASH = range(5)
+# meshproxy.v1.UpstreamTls.Mode
+ISTIO_MUTUAL = 1
 
 
 class ClusterState:
@@ -299,6 +327,7 @@ class Cluster:
     """A named group of endpoints with subsets, built from a ``meshproxy.v1.Cluster``."""
 
     __slots__ = (
+        "allowed_ids",
         "breaker_connections",
         "connect_timeout",
         "endpoints",
@@ -351,6 +380,13 @@ class Cluster:
                 self.endpoints.append(Endpoint(self, e.address, e.weight, dict(e.labels)))
         for i, ep in enumerate(self.endpoints):
             ep.index = i
+        # Upstream mTLS (meshproxy.tls): the endpoints it applies to, and the SPIFFE ids servers may have.
+        tls = msg.tls
+        mtls = msg.HasField("tls") and tls.mode == ISTIO_MUTUAL
+        plaintext = frozenset(tls.plaintext_endpoints)
+        self.allowed_ids = frozenset(tls.allowed_spiffe_ids) or None
+        for ep in self.endpoints:
+            ep.mtls = mtls and ep.address not in plaintext
         for ep in reuse.values():
             if ep.cluster is not self:
                 ep.index = -1  # gone from the cluster: its results no longer count
@@ -446,17 +482,28 @@ class Cluster:
 
 
 class UpstreamProtocol(H2Protocol):
-    """One HTTP/2 client connection to an endpoint (h2c)."""
+    """One HTTP/2 client connection to an endpoint: h2c, or h2 over mTLS (``tls``): then the server's
+    identity is checked first (``peer``), and ``refused`` says why it was not accepted."""
 
-    __slots__ = ("endpoint", "idle_since")
+    __slots__ = ("endpoint", "idle_since", "peer", "refused", "tls")
 
-    def __init__(self, worker: Worker, endpoint: Endpoint) -> None:
+    def __init__(self, worker: Worker, endpoint: Endpoint, tls: bool = False) -> None:
         super().__init__(worker, h2.H2Connection(True, worker.outbox, worker.upstream_settings, hold=True))
         self.conn.stream_limit = endpoint.cluster.max_concurrent_streams
         self.endpoint = endpoint
         self.idle_since = 0.0
+        self.tls = tls
+        self.peer: Any = None
+        self.refused = ""
 
     def connection_made(self, transport: Any) -> None:
+        if self.tls:
+            try:
+                self.peer = upstream_peer(self.worker, self.endpoint, transport.get_extra_info("peercert"))
+            except PeerRefused as e:
+                self.refused = str(e)
+                transport.abort()
+                return
         super().connection_made(transport)
         self.endpoint.conns.append(self)
         self.worker.upstreams.add(self)
@@ -478,6 +525,9 @@ class UpstreamProtocol(H2Protocol):
                 log.debug("GOAWAY from %s: last stream %d, code %d", self.endpoint.address, ev[1], ev[2])
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.refused:
+            return  # never used: Endpoint._connect reports it
+        settled = self.conn.settled
         super().connection_lost(exc)
         ep = self.endpoint
         try:
@@ -485,9 +535,18 @@ class UpstreamProtocol(H2Protocol):
         except ValueError:
             pass
         self.worker.upstreams.discard(self)
+        failure = CONNECT_FAILURE
+        if self.tls and not settled:
+            # TLS 1.3: the server checks our certificate after our side of the handshake is done,
+            # so its refusal (an alert) ends the connection here, before its SETTINGS: a failed
+            # connect all the same (uvloop does not pass the alert on).
+            reason = describe(exc) if exc is not None else "the server closed the connection after the handshake"
+            failure = connect_failure(f"TLS error: {reason} (did it refuse our certificate?)")
+            log.info("mTLS to %s (%s) failed: %s", ep.address, ep.cluster.name, reason)
+            ep.cluster.record(ep, outlier.LOCAL_ORIGIN_FAILURE, h2.monotonic_ns())
         if ep.waiters and not ep.conns and not ep.connecting:
             # It went away before it could take them: those requests never reached an upstream.
-            ep.fail_waiters(CONNECT_FAILURE)
+            ep.fail_waiters(failure)
         self.worker.outbox.flush()
 
     def check_idle(self, now: float) -> None:

@@ -167,6 +167,32 @@ class Runtime:
                     transparent.install_local(self, listener, port, reuse, states, now)
 
 
+class ConfigLog:
+    """What became of the configs this worker was given (the admin config dump, the config metrics).
+
+    ``source`` says where they come from ("file:PATH", "control-plane:ADDR", "flags"); times are
+    wall-clock seconds (time.time()). ``rejected`` is recorded by whoever refused a config (the
+    subscription's NACK, a bad reload): the config in force stays.
+    """
+
+    __slots__ = ("accepted_total", "last_rejected", "last_updated", "rejected_total", "source")
+
+    def __init__(self, source: str = "") -> None:
+        self.source = source
+        self.accepted_total = 0
+        self.rejected_total = 0
+        self.last_updated = 0.0
+        self.last_rejected: tuple[str, str, float] | None = None  # (version, reason, time)
+
+    def accepted(self) -> None:
+        self.accepted_total += 1
+        self.last_updated = time.time()
+
+    def rejected(self, version: str, reason: str) -> None:
+        self.rejected_total += 1
+        self.last_rejected = (version, reason, time.time())
+
+
 def _bind(address: str) -> socket.socket:
     """A listening socket on ``address``, bound now (OSError if it cannot be) and shared with
     the other workers (SO_REUSEPORT)."""
@@ -199,16 +225,42 @@ class Worker:
         loop: asyncio.AbstractEventLoop,
         drain_timeout: float = 10.0,
         amend: Callable[[Any], None] | None = None,
+        index: int = 0,
+        workers: int = 1,
     ) -> None:
         self.loop = loop
         self.outbox = h2.Outbox()
         self.amend = amend
+        # This worker's index among ``workers`` (--concurrency): worker 0 answers admin and metrics for all.
+        self.index = index
+        self.workers = workers
+        self.started_at = time.time()
+        self.config_log = ConfigLog()
+        # Called with the new Runtime after every swap (and at start, when there is one): telemetry
+        # and the admin service precompute what they need per endpoint and route there.
+        self.on_config: list[Callable[[Runtime], None]] = []
+        # The trace headers the core ensures on requests it forwards (meshproxy.telemetry.tracing):
+        # 0 pass them through untouched; 1 add a traceparent when absent; 2 also make the proxy's span
+        # the parent. Applied to each downstream connection as it is accepted.
+        self.trace_mode = 0
+        self.trace_sampling = 1.0
+        # A drain that ends the process (the admin Shutdown, POST /quitquitquit); meshproxy.cli makes it
+        # reach every worker when there are several.
+        self.shutdown: Callable[[], None] = self.drain
+        # meshproxy.telemetry.install sets these (None: off).
+        self.recorder: Any = None
+        self.access_log: Any = None
+        self.tracing: Any = None
+        # meshproxy.tls.install sets it: the workload's TLS contexts and the config's Security compiled.
+        self.security: Any = None
         if config is not None:
             self._amend(config)
         self.runtime: Runtime | None = Runtime(config, None, self.retry_hook) if config is not None else None
+        if self.runtime is not None:
+            self.config_log.accepted()
         self.deadlines = Deadlines(self)
         self.try_timeouts = TryTimeouts(self)
-        self.health = HealthChecker(loop)
+        self.health = HealthChecker(loop, self)
         self.downstreams: set[DownstreamProtocol] = set()
         self.upstreams: set[UpstreamProtocol] = set()
         # TCP passthroughs of transparent listeners (meshproxy.transparent).
@@ -220,10 +272,21 @@ class Worker:
         self.upstream_settings = {"initial_window_size": 1 << 20, "connection_window": 4 << 20}
         # Completion hooks (metrics, access logs): called once per request as it ends.
         self.on_complete: list[Callable[[Request], None]] = []
+        # Called with a TCP passthrough (meshproxy.transparent) once it reached its upstream, and
+        # when it ends (the TCP metrics).
+        self.on_tcp_open: list[Callable[[transparent.Passthrough], None]] = []
+        self.on_tcp_close: list[Callable[[transparent.Passthrough], None]] = []
         # Called once when the drain begins (the control-plane subscription stops there).
         self.on_drain: list[Callable[[], None]] = []
         self._stopped = loop.create_future()
         self._sweeper: asyncio.TimerHandle | None = None
+        self._exit_after_drain = True
+        self._drained = False
+
+    @property
+    def node(self) -> Any:
+        """The ``meshproxy.v1.Node`` this worker runs as (the config's; None before the first config)."""
+        return self.runtime.config.node if self.runtime is not None else None
 
     # -- config -------------------------------------------------------------
 
@@ -236,9 +299,27 @@ class Worker:
         needs a restart; ``reconfigure`` re-binds). Raises ConfigError (and
         changes nothing) if the routes cannot be compiled.
         """
-        self._amend(config)
-        self.runtime = Runtime(config, self.runtime, self.retry_hook)
-        self.health.update(self.runtime)
+        try:
+            self._amend(config)
+            runtime = Runtime(config, self.runtime, self.retry_hook)
+        except ConfigError as e:
+            self.config_log.rejected(config.version, str(e))
+            raise
+        self._swap(runtime)
+
+    def _swap(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.config_log.accepted()
+        self.health.update(runtime)
+        self._config_hooks(runtime)
+
+    def _config_hooks(self, runtime: Runtime) -> None:
+        # The config is in force by now: a hook that fails (a bug) is logged, and the others still run.
+        for hook in self.on_config:
+            try:
+                hook(runtime)
+            except Exception:
+                log.exception("config hook %r failed on version %r", hook, runtime.version)
 
     async def reconfigure(self, config: Any) -> None:
         """Swap in a new config (validated), listeners included.
@@ -251,7 +332,11 @@ class Worker:
         accepting and send GOAWAY to their connections, whose streams in
         flight finish.
         """
-        self._amend(config)
+        try:
+            self._amend(config)
+        except ConfigError as e:
+            self.config_log.rejected(config.version, str(e))
+            raise
         old = self.listeners
         opened: dict[str, tuple[str, asyncio.AbstractServer]] = {}
         try:
@@ -266,11 +351,12 @@ class Worker:
                     ) from None
             # Last: building the runtime takes over the endpoints (and connections) of the old one.
             runtime = Runtime(config, self.runtime, self.retry_hook)
-        except BaseException:
+        except BaseException as e:
             _close_servers(opened)
+            if isinstance(e, ConfigError):
+                self.config_log.rejected(config.version, str(e))
             raise
-        self.runtime = runtime
-        self.health.update(runtime)
+        self._swap(runtime)
         self.listeners = {ls.name: opened.get(ls.name) or old[ls.name] for ls in config.listeners}
         retired = {name: entry for name, entry in old.items() if self.listeners.get(name) is not entry}
         # Not accepting until now: a connection accepted earlier would have been
@@ -290,7 +376,13 @@ class Worker:
     async def _open(self, ls: Any) -> asyncio.AbstractServer:
         """Listener ``ls``'s server, bound (OSError if it cannot be) but not accepting yet."""
         sock = _bind(ls.address)
-        proto = transparent.TransparentProtocol if ls.transparent else DownstreamProtocol
+        if ls.transparent:
+            proto = transparent.TransparentProtocol
+        elif ls.name == transparent.INBOUND_LISTENER:
+            # A local sidecar's inbound listener (``--app``): mTLS per PeerAuthentication first (meshproxy.tls).
+            proto = transparent.InboundProtocol
+        else:
+            proto = DownstreamProtocol
         try:
             return await self.loop.create_server(
                 lambda name=ls.name: proto(self, name), sock=sock, backlog=1024, start_serving=False
@@ -429,6 +521,7 @@ class Worker:
                 await server.start_serving()
         if self.runtime is not None:
             self.health.update(self.runtime)
+            self._config_hooks(self.runtime)
         self._sweeper = self.loop.call_later(1.0, self._sweep)
 
     def _sweep(self) -> None:
@@ -459,20 +552,35 @@ class Worker:
 
     @property
     def ready(self) -> bool:
-        """A config is in force, its listeners accept, and the worker is not draining (``--ready``)."""
+        """A config is in force, its listeners accept, the workload certificate is there when mTLS is
+        configured, and the worker is not draining (``--ready``)."""
         if self.runtime is None or self.draining:
             return False
+        sec = self.security
+        if sec is not None and sec.enabled and sec.server is None:
+            return False  # mTLS configured, no workload certificate yet (meshproxy.tls)
         return all(server.is_serving() for _, server in self.listeners.values())
 
     def install_signals(self) -> None:
         self.loop.add_signal_handler(signal.SIGTERM, self.drain)
         self.loop.add_signal_handler(signal.SIGINT, self.drain)
 
-    def drain(self) -> None:
-        """Stop accepting, GOAWAY every downstream connection, finish in-flight streams, then stop."""
+    def drain(self, exit: bool = True) -> None:
+        """Stop accepting, GOAWAY every downstream connection, finish in-flight streams, then stop.
+
+        ``exit`` False (the admin service's Drain): the same, but the worker keeps running (its admin
+        and metrics stay up, /ready says 503) until a later ``drain()`` stops it.
+        """
         if self.draining:
+            if exit and not self._exit_after_drain:
+                # Drained before without exiting: stop now (in-flight streams had their chance).
+                self._exit_after_drain = True
+                if self._drained:
+                    self.loop.create_task(self._finish_drain())
             return
         self.draining = True
+        self._exit_after_drain = exit
+        self._drained = False
         log.info("draining %d connections (deadline %.1fs)", len(self.downstreams), self.drain_timeout)
         self.health.stop()
         for hook in self.on_drain:
@@ -498,6 +606,10 @@ class Worker:
             p.conn.shutdown()
             p._close()
         self.outbox.flush()
+        if not self._exit_after_drain:
+            # The admin service's Drain: drained, and still running until told to stop.
+            self._drained = True
+            return
         if self._sweeper is not None:
             self._sweeper.cancel()
         await asyncio.sleep(0)

@@ -28,11 +28,18 @@ PROTO_DIR = ROOT / "proto"
 PROTOS = {
     "meshproxy/v1/config.proto": "meshproxy/config/v1",
     "meshproxy/v1/control.proto": "meshproxy/config/v1",
+    "meshproxy/admin/v1/admin.proto": "meshproxy/admin/v1",
+    # gRPC's own services, served by the admin server. Vendored under the file names grpcio's
+    # health-checking and reflection packages use, with the same content: a process importing both
+    # (tests, meshctl) then registers each file once in the default descriptor pool.
+    "grpc_health/v1/health.proto": "meshproxy/admin/grpc_health_v1",
+    "grpc_reflection/v1alpha/reflection.proto": "meshproxy/admin/grpc_reflection_v1alpha",
+    "grpc_reflection/v1/reflection.proto": "meshproxy/admin/grpc_reflection_v1",
 }
 
 #: Protos that declare services: they also get a ``*_pb2_grpc.py`` (which imports grpcio;
 #: the sidecar never imports it, only the control plane and tests do).
-SERVICES = {"meshproxy/v1/control.proto"}
+SERVICES = {"meshproxy/v1/control.proto", "meshproxy/admin/v1/admin.proto"}
 
 HEADER = "# ruff: noqa\n# fmt: off\n"
 

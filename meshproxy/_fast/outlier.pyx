@@ -191,6 +191,11 @@ cdef class OutlierDetector:
         self._check_index(i)
         return self._eps[i].times_ejected
 
+    def ejected_until(self, Py_ssize_t i):
+        """When endpoint ``i``'s ejection ends (monotonic ns), or 0 when it is not ejected."""
+        self._check_index(i)
+        return self._eps[i].until_ns if self._eps[i].ejected else 0
+
     @property
     def ejections_total(self):
         """Ejections made (Envoy's ``ejections_enforced_total``)."""

@@ -3,15 +3,18 @@
 The schema says what type each field has; this module says which values
 make sense together: addresses that parse, names that are unique, routes
 that point at clusters and subsets that exist, regexes that compile, HTTP/2
-settings within RFC 9113's limits. Whatever passes here can be compiled
-into a route table and bound without another error, so a control-plane push
-is either ACKed whole or NACKed with the first problem found.
+settings within RFC 9113's limits, trust bundles that OpenSSL loads, SPIFFE
+ids and authorization rules the sidecar can evaluate. Whatever passes here
+can be compiled into a route table and bound without another error, so a
+control-plane push is either ACKed whole or NACKed with the first problem
+found.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
+import ssl
 from typing import NamedTuple
 
 from meshproxy.config._error import ConfigError, at, index
@@ -34,6 +37,8 @@ _DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
 _DOMAIN_HOST = re.compile(r"[a-z0-9._-]+")
 _PORT = re.compile(r"[0-9]{1,5}")
 
+_TRUST_DOMAIN = re.compile(r"[a-z0-9]([-a-z0-9._]{0,253}[a-z0-9])?")
+_SPIFFE_ID = re.compile(r"spiffe://([a-z0-9]([-a-z0-9._]{0,253}[a-z0-9])?)(/[A-Za-z0-9._~!$&'()*+,;=:@%-]+)+")
 _MAX_WINDOW = 2**31 - 1
 _MIN_FRAME, _MAX_FRAME = 2**14, 2**24 - 1
 _MAX_GRPC_STATUS = 16
@@ -216,6 +221,9 @@ def validate(cfg: pb.SidecarConfig) -> None:
         if lis.HasField("http2"):
             _check_http2(lis.http2, at(path, "http2"))
         check_routes(lis, clusters, path)
+    if cfg.HasField("security"):
+        _check_security(cfg.security, "security")
+    _check_mtls_needs_bundle(cfg)
 
 
 def _check_cluster(c: pb.Cluster, path: str) -> None:
@@ -246,6 +254,8 @@ def _check_cluster(c: pb.Cluster, path: str) -> None:
         _check_outlier(c.outlier_detection, at(path, "outlier_detection"))
     if c.HasField("health_check"):
         _check_health(c.health_check, at(path, "health_check"))
+    if c.HasField("tls"):
+        _check_upstream_tls(c, at(path, "tls"))
 
 
 def _check_transparent(lis: pb.Listener, path: str) -> None:
@@ -470,3 +480,114 @@ def _check_match(m: pb.RouteMatch, path: str) -> None:
             _regex(h.regex, at(hpath, "regex"))
     if m.method and not _TOKEN.fullmatch(m.method):
         raise ConfigError(at(path, "method"), f"{m.method!r} is not an HTTP method")
+
+
+# ---- mTLS and authorization -------------------------------------------------------------------------
+
+
+def _check_upstream_tls(c: pb.Cluster, path: str) -> None:
+    tls = c.tls
+    if tls.mode not in pb.UpstreamTls.Mode.values():
+        raise ConfigError(at(path, "mode"), f"unknown mode number {tls.mode}")
+    for j, sid in enumerate(tls.allowed_spiffe_ids):
+        if not _SPIFFE_ID.fullmatch(sid):
+            raise ConfigError(
+                index(at(path, "allowed_spiffe_ids"), j),
+                f"{sid!r} is not a SPIFFE id (spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>)",
+            )
+    endpoints = {ep.address for ep in c.endpoints}
+    for j, address in enumerate(tls.plaintext_endpoints):
+        if address not in endpoints:
+            raise ConfigError(
+                index(at(path, "plaintext_endpoints"), j), f"{address!r} is not an endpoint of the cluster"
+            )
+
+
+def _check_security(sec: pb.Security, path: str) -> None:
+    if sec.trust_domain and not _TRUST_DOMAIN.fullmatch(sec.trust_domain):
+        raise ConfigError(at(path, "trust_domain"), f"{sec.trust_domain!r} is not a trust domain")
+    for j, pem in enumerate(sec.trust_bundle):
+        jpath = index(at(path, "trust_bundle"), j)
+        if "-----BEGIN CERTIFICATE-----" not in pem:
+            raise ConfigError(jpath, "not a PEM certificate")
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=pem)
+        except (ssl.SSLError, ValueError) as exc:
+            raise ConfigError(jpath, f"not a certificate OpenSSL can load: {exc}") from None
+    if sec.HasField("peer_authentication"):
+        pa, ppath = sec.peer_authentication, at(path, "peer_authentication")
+        if pa.mode not in pb.PeerAuthentication.Mode.values():
+            raise ConfigError(at(ppath, "mode"), f"unknown mode number {pa.mode}")
+        for port, mode in pa.port_modes.items():
+            if not 1 <= port <= 65535:
+                raise ConfigError(index(at(ppath, "port_modes"), str(port)), "is not a port from 1 to 65535")
+            if mode not in pb.PeerAuthentication.Mode.values():
+                raise ConfigError(index(at(ppath, "port_modes"), str(port)), f"unknown mode number {mode}")
+    if sec.HasField("authorization"):
+        for j, policy in enumerate(sec.authorization.policies):
+            _check_policy(policy, index(at(at(path, "authorization"), "policies"), j))
+
+
+def _check_mtls_needs_bundle(cfg: pb.SidecarConfig) -> None:
+    """Nothing can be verified without roots: mTLS upstream and STRICT inbound need the trust bundle."""
+    if cfg.security.trust_bundle:
+        return
+    for i, c in enumerate(cfg.clusters):
+        if c.tls.mode == pb.UpstreamTls.ISTIO_MUTUAL:
+            raise ConfigError(at(index("clusters", i), "tls.mode"), "ISTIO_MUTUAL needs security.trust_bundle")
+    pa = cfg.security.peer_authentication
+    if pa.mode == pb.PeerAuthentication.STRICT or pb.PeerAuthentication.STRICT in pa.port_modes.values():
+        raise ConfigError("security.peer_authentication", "STRICT needs security.trust_bundle")
+
+
+def _check_string_match(m: pb.StringMatch, path: str, what: str = "") -> None:
+    kind = m.WhichOneof("match")
+    if kind is None:
+        raise ConfigError(path, "no match: set exact, prefix, suffix or presence")
+    if kind == "presence":
+        if not m.presence:
+            raise ConfigError(at(path, "presence"), "presence: false matches nothing")
+        return
+    value = getattr(m, kind)
+    if not value:
+        raise ConfigError(at(path, kind), "is empty (presence: true matches any value)")
+    if what == "path" and kind in ("exact", "prefix") and not value.startswith("/"):
+        raise ConfigError(at(path, kind), f"{value!r} must start with '/', as every :path does")
+
+
+def _check_matches(msg: object, fields: tuple[str, ...], path: str, what: str = "") -> None:
+    for name in fields:
+        for k, m in enumerate(getattr(msg, name)):
+            _check_string_match(m, index(at(path, name), k), what)
+
+
+def _check_policy(policy: pb.AuthorizationPolicy, path: str) -> None:
+    if not policy.name:
+        raise ConfigError(at(path, "name"), "every policy needs a name (the access log gives it)")
+    if policy.action not in pb.AuthorizationPolicy.Action.values():
+        raise ConfigError(at(path, "action"), f"unknown action number {policy.action}")
+    for j, rule in enumerate(policy.rules):
+        rpath = index(at(path, "rules"), j)
+        for k, src in enumerate(getattr(rule, "from")):
+            spath = index(at(rpath, "from"), k)
+            _check_matches(src, ("principals", "not_principals", "namespaces", "not_namespaces"), spath)
+        for k, op in enumerate(rule.to):
+            opath = index(at(rpath, "to"), k)
+            _check_matches(op, ("hosts", "not_hosts", "methods", "not_methods"), opath)
+            _check_matches(op, ("paths", "not_paths"), opath, "path")
+            for name in ("ports", "not_ports"):
+                for n, port in enumerate(getattr(op, name)):
+                    if not 1 <= port <= 65535:
+                        raise ConfigError(index(at(opath, name), n), f"must be a port from 1 to 65535, got {port}")
+        for k, cond in enumerate(rule.when):
+            cpath = index(at(rpath, "when"), k)
+            if cond.attribute not in pb.AuthorizationCondition.Attribute.values():
+                raise ConfigError(at(cpath, "attribute"), f"unknown attribute number {cond.attribute}")
+            if cond.attribute == pb.AuthorizationCondition.REQUEST_HEADER:
+                if not _HEADER_NAME.fullmatch(cond.header) or cond.header != cond.header.lower():
+                    raise ConfigError(at(cpath, "header"), f"{cond.header!r} is not a lower-case header name")
+            elif cond.header:
+                raise ConfigError(at(cpath, "header"), "only a REQUEST_HEADER condition names a header")
+            if not cond.values and not cond.not_values:
+                raise ConfigError(cpath, "give values or not_values")
+            _check_matches(cond, ("values", "not_values"), cpath)

@@ -299,6 +299,11 @@ class OutlierDetector:
         self._check_index(i)
         return self._times[i]
 
+    def ejected_until(self, i: int) -> int:
+        """When endpoint ``i``'s ejection ends (monotonic ns), or 0 when it is not ejected."""
+        self._check_index(i)
+        return self._until[i] if self._ejected[i] else 0
+
     @property
     def ejections_total(self) -> int:
         """Ejections made (Envoy's ``ejections_enforced_total``)."""

@@ -20,6 +20,15 @@ def _gen_proto():
 def test_committed_code_equals_a_fresh_build(tmp_path):
     written = _gen_proto().generate(tmp_path)
     assert sorted(str(p) for p in written) == [
+        "meshproxy/admin/grpc_health_v1/health_pb2.py",
+        "meshproxy/admin/grpc_health_v1/health_pb2.pyi",
+        "meshproxy/admin/grpc_reflection_v1/reflection_pb2.py",
+        "meshproxy/admin/grpc_reflection_v1/reflection_pb2.pyi",
+        "meshproxy/admin/grpc_reflection_v1alpha/reflection_pb2.py",
+        "meshproxy/admin/grpc_reflection_v1alpha/reflection_pb2.pyi",
+        "meshproxy/admin/v1/admin_pb2.py",
+        "meshproxy/admin/v1/admin_pb2.pyi",
+        "meshproxy/admin/v1/admin_pb2_grpc.py",
         "meshproxy/config/v1/config_pb2.py",
         "meshproxy/config/v1/config_pb2.pyi",
         "meshproxy/config/v1/control_pb2.py",

@@ -219,7 +219,8 @@ def test_missing_path_exit_2(capsys, tmp_path):
         ([], "meshctl: error: the following arguments are required: command"),
         (
             ["frobnicate"],
-            "meshctl: error: argument command: invalid choice: 'frobnicate' (choose from analyze, inject)",
+            "meshctl: error: argument command: invalid choice: 'frobnicate' "
+            "(choose from proxy-status, proxy-config, stats, top, analyze, inject)",
         ),
     ],
 )
@@ -230,7 +231,9 @@ def test_bad_flags_exit_2_with_one_line(capsys, argv, message):
     assert e.value.code == 2
     assert out == ""
     # argparse's quoting of choices differs between Python versions
-    err = err.replace("'table', 'json', 'yaml'", "table, json, yaml").replace("'analyze', 'inject'", "analyze, inject")
+    commands = "proxy-status, proxy-config, stats, top, analyze, inject"
+    err = err.replace("'table', 'json', 'yaml'", "table, json, yaml")
+    err = err.replace(", ".join(f"'{c}'" for c in commands.split(", ")), commands)
     assert err == message + "\n"
 
 

@@ -196,10 +196,7 @@ def test_istio_docs_seed_parses_without_errors():
     assert bad == []
     model = parse([(o, "seed") for o in objects])
     assert model.errors() == []
-    assert [str(p) for p in model.problems] == [
-        "warning: PeerAuthentication default/default (seed): accepted; mTLS is not enforced until the mTLS "
-        "layer is built"
-    ]
+    assert [str(p) for p in model.problems] == []
     (v,) = model.virtual_services
     assert v.hosts == ("reviews.default.svc.cluster.local",)
     (r,) = v.http
@@ -225,8 +222,13 @@ def test_istio_docs_seed_parses_without_errors():
     (svc,) = model.services
     assert svc.endpoints == {
         9080: [
-            Endpoint("10.244.0.11", 9080, {"app": "reviews", "version": "v1"}),
-            Endpoint("10.244.0.12", 9080, {"app": "reviews", "version": "v2"}),
+            # No owner reference in the seed: each Pod is its own workload.
+            Endpoint(
+                "10.244.0.11", 9080, {"app": "reviews", "version": "v1"}, 0, "reviews-v1-545db77b95-2ps7q", "default"
+            ),
+            Endpoint(
+                "10.244.0.12", 9080, {"app": "reviews", "version": "v2"}, 0, "reviews-v2-7bf8c9648f-8xbqs", "default"
+            ),
         ]
     }
 
@@ -785,7 +787,6 @@ def test_ignored_fields_warn_and_keep_the_resource():
             "spec.subsets[0].trafficPolicy",
             "per-subset policies are not supported: ignored",
         ),
-        ("warning", "DestinationRule default/reviews", "spec.trafficPolicy.tls", "mTLS is not built yet: ignored"),
         (
             "warning",
             "DestinationRule default/reviews",
@@ -1129,10 +1130,7 @@ def test_peer_authentication_and_authorization_policy_values():
     assert (dict(pa.selector), pa.mode, dict(pa.port_modes)) == ({"app": "reviews"}, "PERMISSIVE", {8080: "DISABLE"})
     (ap,) = model.authorization_policies
     assert (dict(ap.selector), ap.action, len(ap.rules)) == ({"app": "reviews"}, "DENY", 1)
-    assert [p.message for p in model.problems] == [
-        "accepted; mTLS is not enforced until the mTLS layer is built",
-        "accepted; authorization is not enforced until the mTLS layer is built",
-    ]
+    assert [p.message for p in model.problems] == []
 
 
 # -- Kubernetes ---------------------------------------------------------------------------------
@@ -1163,9 +1161,9 @@ def test_kubernetes_services_from_endpoint_slices_with_pod_labels():
     # namespace: the slice's
     assert reviews.endpoints == {
         9080: [
-            Endpoint("10.0.0.1", 9080, {"app": "reviews", "version": "v1"}),
-            Endpoint("10.0.0.2", 9080, {"app": "reviews", "version": "v2"}),
-            Endpoint("10.0.0.4", 9080, {}),
+            Endpoint("10.0.0.1", 9080, {"app": "reviews", "version": "v1"}, 0, "reviews-v1", "default"),
+            Endpoint("10.0.0.2", 9080, {"app": "reviews", "version": "v2"}, 0, "reviews-v2", "default"),
+            Endpoint("10.0.0.4", 9080, {}, 0, "", "default"),
         ]
     }
 
@@ -1175,8 +1173,8 @@ def test_kubernetes_named_ports_matched_by_name_and_udp_dropped():
     assert catalog.ports == (Port(9090, "grpc", "", "grpc"), Port(8080, "http", "", "web"))
     labels = {"app": "catalog", "track": "stable"}
     assert catalog.endpoints == {
-        9090: [Endpoint("10.1.0.7", 19090, labels)],
-        8080: [Endpoint("10.1.0.7", 18080, labels)],
+        9090: [Endpoint("10.1.0.7", 19090, labels, 0, "catalog-0", "shop")],
+        8080: [Endpoint("10.1.0.7", 18080, labels, 0, "catalog-0", "shop")],
     }
 
 
@@ -1186,8 +1184,8 @@ def test_kubernetes_service_without_slices_takes_the_selected_pods():
     # only the shop namespace's Pods with app=ratings and an IP; the target port
     assert ratings.endpoints == {
         9080: [
-            Endpoint("10.1.0.20", 19080, {"app": "ratings", "version": "v1"}),
-            Endpoint("10.1.0.21", 19080, {"app": "ratings", "version": "v2"}),
+            Endpoint("10.1.0.20", 19080, {"app": "ratings", "version": "v1"}, 0, "ratings-0", "shop"),
+            Endpoint("10.1.0.21", 19080, {"app": "ratings", "version": "v2"}, 0, "ratings-1", "shop"),
         ]
     }
 
@@ -1218,7 +1216,7 @@ def test_kubernetes_service_single_unnamed_port_matches_single_slice_port():
     fqdn = {**eps, "metadata": {"name": "a-2", "labels": {"kubernetes.io/service-name": "a"}}, "addressType": "FQDN"}
     fqdn["endpoints"] = [{"addresses": ["a.example.com"]}]
     (s,) = parsed(svc, eps, fqdn).services
-    assert s.endpoints == {80: [Endpoint("fd00::1", 8080, {})]}
+    assert s.endpoints == {80: [Endpoint("fd00::1", 8080, {}, 0, "", "default")]}
     assert isinstance(s, Service) and s.selector is None
 
 

@@ -18,6 +18,7 @@ from control.sources.files import read_file
 from control.translate import OUTBOUND_ADDRESS, Translator, cluster_name, version_of
 from meshproxy.config import from_dict, to_dict, validate
 from meshproxy.config.v1 import config_pb2 as pb
+from meshproxy.telemetry.labels import NAMESPACE_KEY, WORKLOAD_KEY
 
 DATA = Path(__file__).parent / "data"
 FQDN = "reviews.default.svc.cluster.local"
@@ -208,6 +209,10 @@ def test_cluster_name():
 # -- Kubernetes Services: aliases and ports --------------------------------------------------------
 
 
+#: The Pod's labels, and who it is (the sidecars' metric labels: meshproxy.telemetry.labels).
+REVIEWS_LABELS = {"app": "reviews", "version": "v1", WORKLOAD_KEY: "r1", NAMESPACE_KEY: "default"}
+
+
 def _reviews_objects():
     return [kube_service("reviews"), pod("r1", "10.0.0.1", app="reviews", version="v1")]
 
@@ -237,7 +242,7 @@ def test_kubernetes_aliases_in_the_same_namespace():
         "clusters": [
             {
                 "name": cluster,
-                "endpoints": [{"address": "10.0.0.1:9080", "labels": {"app": "reviews", "version": "v1"}}],
+                "endpoints": [{"address": "10.0.0.1:9080", "labels": REVIEWS_LABELS}],
             }
         ],
     }
@@ -260,7 +265,7 @@ def test_multi_port_service_has_a_virtual_host_and_cluster_per_port_and_no_bare_
     svc = kube_service("catalog", "shop", ports=((9090, "grpc"), (8080, "http")))
     t = translator(svc, pod("c0", "10.1.0.7", "shop", app="catalog"))
     host = "catalog.shop.svc.cluster.local"
-    labels = {"app": "catalog"}
+    labels = {"app": "catalog", WORKLOAD_KEY: "c0", NAMESPACE_KEY: "shop"}
     assert config(t, "shop") == {
         "listeners": [
             listener(
@@ -315,7 +320,9 @@ def test_kube_fixture_ipv6_and_slices():
 
 def test_ipv6_endpoints_are_bracketed():
     t = translator(kube_service("a"), pod("a0", "fd00::7", app="a"))
-    assert config(t)["clusters"][0]["endpoints"] == [{"address": "[fd00::7]:9080", "labels": {"app": "a"}}]
+    assert config(t)["clusters"][0]["endpoints"] == [
+        {"address": "[fd00::7]:9080", "labels": {"app": "a", WORKLOAD_KEY: "a0", NAMESPACE_KEY: "default"}}
+    ]
 
 
 # -- exportTo -----------------------------------------------------------------------------------
@@ -1118,7 +1125,7 @@ def test_service_entry_cannot_take_a_kubernetes_service_host():
     assert config(t)["clusters"] == [
         {
             "name": f"outbound|9080||{FQDN}",
-            "endpoints": [{"address": "10.0.0.1:9080", "labels": {"app": "reviews", "version": "v1"}}],
+            "endpoints": [{"address": "10.0.0.1:9080", "labels": REVIEWS_LABELS}],
         }
     ]
 

@@ -17,6 +17,7 @@ import tomllib
 from dataclasses import dataclass, field
 
 import pytest
+import setuptools
 
 from tests.deploy.conftest import DEPLOY, REPO
 
@@ -209,7 +210,11 @@ def test_the_context_holds_what_pip_install_builds_from():
         check=True,
     ).stdout.split()
     needed = ["pyproject.toml", "setup.py", pyproject["project"]["readme"]]
-    for package in pyproject["tool"]["setuptools"]["packages"]:
+    # The packages pip builds: setuptools' find with pyproject's include patterns.
+    include = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = setuptools.find_packages(where=str(REPO), include=include)
+    assert "meshproxy._fast" in packages and "meshproxy.admin.v1" in packages
+    for package in packages:
         directory = package.replace(".", "/") + "/"
         files = [f for f in listed if f.startswith(directory) and "/" not in f[len(directory) :]]
         sources = [f for f in files if f.endswith((".py", ".pyx", ".pxd", ".pyi"))] + [

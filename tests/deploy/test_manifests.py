@@ -52,6 +52,7 @@ def test_the_base_holds_exactly_these_objects(base):
     expected = [
         ("ClusterRole", "", NAME),
         ("ClusterRoleBinding", "", NAME),
+        *(("ConfigMap", NAMESPACE, f"meshproxy-dashboard-{view}") for view in ("mesh", "service", "workload")),
         *(("CustomResourceDefinition", "", f"{plural}.meshproxy.io") for plural in ours),
         ("Deployment", NAMESPACE, NAME),
         ("MutatingWebhookConfiguration", "", "meshproxy-sidecar-injector"),

@@ -25,6 +25,9 @@ from typing import Any
 import kubernetes_validate
 
 KUBERNETES_VERSION = "1.30.0"
+#: The API server's own audience: a token given no other (a legacy or default token) has it, and a
+#: TokenReview that names no audience checks for it, as kube-apiserver's --api-audiences.
+API_AUDIENCES = ("https://kubernetes.default.svc.cluster.local",)
 
 
 @dataclass(frozen=True)
@@ -269,6 +272,8 @@ class FakeKube:
         self._rv = 0
         self._compacted_rv = 0  # every event with rv > this is retained
         self._tokens: dict[str, dict] = {}
+        #: The spec of every TokenReview received, in order.
+        self.token_reviews: list[dict] = []
         self._closed = False
         self.bookmark_interval = bookmark_interval
         self.validate_version = validate_version
@@ -302,14 +307,49 @@ class FakeKube:
         groups: tuple[str, ...] = (),
         audiences: tuple[str, ...] = (),
         extra: dict | None = None,
+        expires_at: float | None = None,
     ) -> None:
-        """Make TokenReview authenticate token as username; audiences empty means any audience."""
+        """Make TokenReview authenticate token as username for ``audiences`` (empty: the API server's own,
+        ``API_AUDIENCES``) until ``expires_at`` (time.time(); None: forever)."""
         with self._cond:
             self._tokens[token] = {
                 "user": {"username": username, "uid": uid or str(uuid.uuid4()), "groups": list(groups)}
                 | ({"extra": extra} if extra else {}),
-                "audiences": list(audiences),
+                "audiences": list(audiences or API_AUDIENCES),
+                "expires_at": expires_at,
             }
+
+    def add_service_account_token(
+        self,
+        token: str,
+        namespace: str,
+        service_account: str,
+        *,
+        audiences: tuple[str, ...] = (),
+        pod: str = "",
+        expires_at: float | None = None,
+    ) -> None:
+        """A projected service-account token, as the kubelet gets one minted (TokenRequest): its user is
+        ``system:serviceaccount:NS:SA`` in the service-account groups, bound to ``pod`` if given."""
+        extra = None
+        if pod:
+            extra = {
+                "authentication.kubernetes.io/pod-name": [pod],
+                "authentication.kubernetes.io/pod-uid": [str(uuid.uuid4())],
+            }
+        self.add_token(
+            token,
+            f"system:serviceaccount:{namespace}:{service_account}",
+            groups=("system:serviceaccounts", f"system:serviceaccounts:{namespace}", "system:authenticated"),
+            audiences=audiences,
+            extra=extra,
+            expires_at=expires_at,
+        )
+
+    def revoke_token(self, token: str) -> None:
+        """TokenReview no longer authenticates ``token`` (its pod or service account was deleted)."""
+        with self._cond:
+            self._tokens.pop(token, None)
 
     # -- lifecycle --------------------------------------------------------------------------------------
 
@@ -597,19 +637,25 @@ class FakeKube:
         if not isinstance(body, dict) or body.get("kind", "TokenReview") != "TokenReview":
             raise ApiError(400, "BadRequest", "expected a TokenReview")
         spec = body.get("spec") or {}
-        wanted = list(spec.get("audiences") or [])
+        token = spec.get("token")
+        if not isinstance(token, str) or not token:
+            raise ApiError(400, "BadRequest", "token is required for TokenReview in authentication")
+        # No audience named: the API server's own (kube-apiserver's --api-audiences).
+        wanted = list(spec.get("audiences") or API_AUDIENCES)
         with self._cond:
-            entry = self._tokens.get(spec.get("token", ""))
+            entry = self._tokens.get(token)
+            self.token_reviews.append(copy.deepcopy(spec))
         status: dict[str, Any] = {"authenticated": False, "user": {}}
         if entry is None:
             status["error"] = "invalid bearer token"
+        elif entry["expires_at"] is not None and time.time() >= entry["expires_at"]:
+            status["error"] = "invalid bearer token, token has expired"
         else:
-            granted = [a for a in wanted if a in entry["audiences"]] if entry["audiences"] and wanted else wanted
-            if wanted and not granted:
-                status["error"] = "token audiences is invalid for the target audiences"
+            granted = [a for a in wanted if a in entry["audiences"]]
+            if not granted:
+                status["error"] = "invalid bearer token, token audiences is invalid for the target audiences"
             else:
-                status = {"authenticated": True, "user": copy.deepcopy(entry["user"])}
-                status["audiences"] = granted or list(entry["audiences"])
+                status = {"authenticated": True, "user": copy.deepcopy(entry["user"]), "audiences": granted}
         out = {"kind": "TokenReview", "apiVersion": "authentication.k8s.io/v1", "metadata": {"creationTimestamp": None}}
         out["spec"] = spec
         out["status"] = status

@@ -209,10 +209,21 @@ def test_existing_volumes_and_annotations_are_kept():
     validate(new)
     assert [v["name"] for v in new["spec"]["volumes"]] == ["data", "meshproxy-token"]
     assert new["metadata"]["annotations"]["team"] == "shop"
-    # annotations are added one by one, so another webhook's are not overwritten
+    # the label auto mTLS keys on (control.security): clients' sidecars speak mTLS to this pod
+    assert new["metadata"]["labels"]["security.istio.io/tlsMode"] == "istio"
+    # Prometheus scrapes the sidecar's /metrics
+    assert {k: new["metadata"]["annotations"][k] for k in ("prometheus.io/port", "prometheus.io/path")} == {
+        "prometheus.io/port": "15090",
+        "prometheus.io/path": "/metrics",
+    }
+    # annotations and labels are added one by one, so another webhook's are not overwritten
     assert {op["path"] for op in patch} == {
         "/metadata/annotations/sidecar.meshproxy.io~1status",
         "/metadata/annotations/kubectl.kubernetes.io~1default-container",
+        "/metadata/labels/security.istio.io~1tlsMode",
+        "/metadata/annotations/prometheus.io~1scrape",
+        "/metadata/annotations/prometheus.io~1port",
+        "/metadata/annotations/prometheus.io~1path",
         "/spec/initContainers",
         "/spec/volumes",
     }

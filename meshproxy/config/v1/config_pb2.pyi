@@ -13,16 +13,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SidecarConfig(_message.Message):
-    __slots__ = ("version", "node", "listeners", "clusters")
+    __slots__ = ("version", "node", "listeners", "clusters", "security")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     LISTENERS_FIELD_NUMBER: _ClassVar[int]
     CLUSTERS_FIELD_NUMBER: _ClassVar[int]
+    SECURITY_FIELD_NUMBER: _ClassVar[int]
     version: str
     node: Node
     listeners: _containers.RepeatedCompositeFieldContainer[Listener]
     clusters: _containers.RepeatedCompositeFieldContainer[Cluster]
-    def __init__(self, version: _Optional[str] = ..., node: _Optional[_Union[Node, _Mapping]] = ..., listeners: _Optional[_Iterable[_Union[Listener, _Mapping]]] = ..., clusters: _Optional[_Iterable[_Union[Cluster, _Mapping]]] = ...) -> None: ...
+    security: Security
+    def __init__(self, version: _Optional[str] = ..., node: _Optional[_Union[Node, _Mapping]] = ..., listeners: _Optional[_Iterable[_Union[Listener, _Mapping]]] = ..., clusters: _Optional[_Iterable[_Union[Cluster, _Mapping]]] = ..., security: _Optional[_Union[Security, _Mapping]] = ...) -> None: ...
 
 class Node(_message.Message):
     __slots__ = ("id", "namespace", "workload", "labels", "service_account")
@@ -240,7 +242,7 @@ class DirectResponse(_message.Message):
     def __init__(self, status: _Optional[int] = ..., body: _Optional[str] = ..., grpc_status: _Optional[int] = ..., grpc_message: _Optional[str] = ...) -> None: ...
 
 class Cluster(_message.Message):
-    __slots__ = ("name", "lb_policy", "hash_header", "endpoints", "subsets", "connect_timeout", "max_concurrent_streams_per_connection", "idle_timeout", "max_connections_per_endpoint", "retry_budget", "circuit_breakers", "outlier_detection", "health_check", "service_addresses")
+    __slots__ = ("name", "lb_policy", "hash_header", "endpoints", "subsets", "connect_timeout", "max_concurrent_streams_per_connection", "idle_timeout", "max_connections_per_endpoint", "retry_budget", "circuit_breakers", "outlier_detection", "health_check", "service_addresses", "tls")
     class LbPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         PEAK_EWMA: _ClassVar[Cluster.LbPolicy]
@@ -267,6 +269,7 @@ class Cluster(_message.Message):
     OUTLIER_DETECTION_FIELD_NUMBER: _ClassVar[int]
     HEALTH_CHECK_FIELD_NUMBER: _ClassVar[int]
     SERVICE_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    TLS_FIELD_NUMBER: _ClassVar[int]
     name: str
     lb_policy: Cluster.LbPolicy
     hash_header: str
@@ -281,7 +284,8 @@ class Cluster(_message.Message):
     outlier_detection: OutlierDetection
     health_check: HealthCheck
     service_addresses: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., lb_policy: _Optional[_Union[Cluster.LbPolicy, str]] = ..., hash_header: _Optional[str] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ..., subsets: _Optional[_Iterable[_Union[Subset, _Mapping]]] = ..., connect_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_concurrent_streams_per_connection: _Optional[int] = ..., idle_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_connections_per_endpoint: _Optional[int] = ..., retry_budget: _Optional[_Union[RetryBudget, _Mapping]] = ..., circuit_breakers: _Optional[_Union[CircuitBreakers, _Mapping]] = ..., outlier_detection: _Optional[_Union[OutlierDetection, _Mapping]] = ..., health_check: _Optional[_Union[HealthCheck, _Mapping]] = ..., service_addresses: _Optional[_Iterable[str]] = ...) -> None: ...
+    tls: UpstreamTls
+    def __init__(self, name: _Optional[str] = ..., lb_policy: _Optional[_Union[Cluster.LbPolicy, str]] = ..., hash_header: _Optional[str] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ..., subsets: _Optional[_Iterable[_Union[Subset, _Mapping]]] = ..., connect_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_concurrent_streams_per_connection: _Optional[int] = ..., idle_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_connections_per_endpoint: _Optional[int] = ..., retry_budget: _Optional[_Union[RetryBudget, _Mapping]] = ..., circuit_breakers: _Optional[_Union[CircuitBreakers, _Mapping]] = ..., outlier_detection: _Optional[_Union[OutlierDetection, _Mapping]] = ..., health_check: _Optional[_Union[HealthCheck, _Mapping]] = ..., service_addresses: _Optional[_Iterable[str]] = ..., tls: _Optional[_Union[UpstreamTls, _Mapping]] = ...) -> None: ...
 
 class HealthCheck(_message.Message):
     __slots__ = ("interval", "timeout", "unhealthy_threshold", "healthy_threshold", "grpc_service_name")
@@ -360,3 +364,157 @@ class Subset(_message.Message):
     name: str
     labels: _containers.ScalarMap[str, str]
     def __init__(self, name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class Security(_message.Message):
+    __slots__ = ("trust_domain", "trust_bundle", "peer_authentication", "authorization")
+    TRUST_DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    TRUST_BUNDLE_FIELD_NUMBER: _ClassVar[int]
+    PEER_AUTHENTICATION_FIELD_NUMBER: _ClassVar[int]
+    AUTHORIZATION_FIELD_NUMBER: _ClassVar[int]
+    trust_domain: str
+    trust_bundle: _containers.RepeatedScalarFieldContainer[str]
+    peer_authentication: PeerAuthentication
+    authorization: Authorization
+    def __init__(self, trust_domain: _Optional[str] = ..., trust_bundle: _Optional[_Iterable[str]] = ..., peer_authentication: _Optional[_Union[PeerAuthentication, _Mapping]] = ..., authorization: _Optional[_Union[Authorization, _Mapping]] = ...) -> None: ...
+
+class PeerAuthentication(_message.Message):
+    __slots__ = ("mode", "port_modes", "sources")
+    class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        UNSET: _ClassVar[PeerAuthentication.Mode]
+        DISABLE: _ClassVar[PeerAuthentication.Mode]
+        PERMISSIVE: _ClassVar[PeerAuthentication.Mode]
+        STRICT: _ClassVar[PeerAuthentication.Mode]
+    UNSET: PeerAuthentication.Mode
+    DISABLE: PeerAuthentication.Mode
+    PERMISSIVE: PeerAuthentication.Mode
+    STRICT: PeerAuthentication.Mode
+    class PortModesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: PeerAuthentication.Mode
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[_Union[PeerAuthentication.Mode, str]] = ...) -> None: ...
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    PORT_MODES_FIELD_NUMBER: _ClassVar[int]
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
+    mode: PeerAuthentication.Mode
+    port_modes: _containers.ScalarMap[int, PeerAuthentication.Mode]
+    sources: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, mode: _Optional[_Union[PeerAuthentication.Mode, str]] = ..., port_modes: _Optional[_Mapping[int, PeerAuthentication.Mode]] = ..., sources: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class UpstreamTls(_message.Message):
+    __slots__ = ("mode", "allowed_spiffe_ids", "plaintext_endpoints")
+    class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        DISABLE: _ClassVar[UpstreamTls.Mode]
+        ISTIO_MUTUAL: _ClassVar[UpstreamTls.Mode]
+    DISABLE: UpstreamTls.Mode
+    ISTIO_MUTUAL: UpstreamTls.Mode
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_SPIFFE_IDS_FIELD_NUMBER: _ClassVar[int]
+    PLAINTEXT_ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
+    mode: UpstreamTls.Mode
+    allowed_spiffe_ids: _containers.RepeatedScalarFieldContainer[str]
+    plaintext_endpoints: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, mode: _Optional[_Union[UpstreamTls.Mode, str]] = ..., allowed_spiffe_ids: _Optional[_Iterable[str]] = ..., plaintext_endpoints: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Authorization(_message.Message):
+    __slots__ = ("policies",)
+    POLICIES_FIELD_NUMBER: _ClassVar[int]
+    policies: _containers.RepeatedCompositeFieldContainer[AuthorizationPolicy]
+    def __init__(self, policies: _Optional[_Iterable[_Union[AuthorizationPolicy, _Mapping]]] = ...) -> None: ...
+
+class AuthorizationPolicy(_message.Message):
+    __slots__ = ("name", "action", "rules")
+    class Action(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        ALLOW: _ClassVar[AuthorizationPolicy.Action]
+        DENY: _ClassVar[AuthorizationPolicy.Action]
+        AUDIT: _ClassVar[AuthorizationPolicy.Action]
+    ALLOW: AuthorizationPolicy.Action
+    DENY: AuthorizationPolicy.Action
+    AUDIT: AuthorizationPolicy.Action
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    RULES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    action: AuthorizationPolicy.Action
+    rules: _containers.RepeatedCompositeFieldContainer[AuthorizationRule]
+    def __init__(self, name: _Optional[str] = ..., action: _Optional[_Union[AuthorizationPolicy.Action, str]] = ..., rules: _Optional[_Iterable[_Union[AuthorizationRule, _Mapping]]] = ...) -> None: ...
+
+class AuthorizationRule(_message.Message):
+    __slots__ = ("to", "when")
+    FROM_FIELD_NUMBER: _ClassVar[int]
+    TO_FIELD_NUMBER: _ClassVar[int]
+    WHEN_FIELD_NUMBER: _ClassVar[int]
+    to: _containers.RepeatedCompositeFieldContainer[AuthorizationOperation]
+    when: _containers.RepeatedCompositeFieldContainer[AuthorizationCondition]
+    def __init__(self, to: _Optional[_Iterable[_Union[AuthorizationOperation, _Mapping]]] = ..., when: _Optional[_Iterable[_Union[AuthorizationCondition, _Mapping]]] = ..., **kwargs) -> None: ...
+
+class AuthorizationSource(_message.Message):
+    __slots__ = ("principals", "not_principals", "namespaces", "not_namespaces")
+    PRINCIPALS_FIELD_NUMBER: _ClassVar[int]
+    NOT_PRINCIPALS_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACES_FIELD_NUMBER: _ClassVar[int]
+    NOT_NAMESPACES_FIELD_NUMBER: _ClassVar[int]
+    principals: _containers.RepeatedCompositeFieldContainer[StringMatch]
+    not_principals: _containers.RepeatedCompositeFieldContainer[StringMatch]
+    namespaces: _containers.RepeatedCompositeFieldContainer[StringMatch]
+    not_namespaces: _containers.RepeatedCompositeFieldContainer[StringMatch]
+    def __init__(self, principals: _Optional[_Iterable[_Union[StringMatch, _Mapping]]] = ..., not_principals: _Optional[_Iterable[_Union[StringMatch, _Mapping]]] = ..., namespaces: _Optional[_Iterable[_Union[StringMatch, _Mapping]]] = ..., not_namespaces: _Optional[_Iterable[_Union[StringMatch, _Mapping]]] = ...) -> None: ...
+
+class AuthorizationOperation(_message.Message):
+    __slots__ = ("hosts", "not_hosts", "methods", "not_methods", "paths", "not_paths", "ports", "not_ports")
+    HOSTS_FIELD_NUMBER: _ClassVar[int]
+    NOT_HOSTS_FIELD_NUMBER: _ClassVar[int]
+    METHODS_FIELD_NUMBER: _ClassVar[int]
+    NOT_METHODS_FIELD_NUMBER: _ClassVar[int]
+    PATHS_FIELD_NUMBER: _ClassVar[int]
+    NOT_PATHS_FIELD_NUMBER: _ClassVar[int]
+    PORTS_FIELD_NUMBER: _ClassVar[int]
+    NOT_PORTS_FIELD_NUMBER: _ClassVar[int]
+    hosts: _containers.RepeatedCompositeFieldContainer[StringMatch]
+    not_hosts: _containers.RepeatedCompositeFieldContainer[StringMatch]
+    methods: _containers.RepeatedCompositeFieldContainer[StringMatch]
+    not_methods: _containers.RepeatedCompositeFieldContainer[StringMatch]
+    paths: _containers.RepeatedCompositeFieldContainer[StringMatch]
+    not_paths: _containers.RepeatedCompositeFieldContainer[StringMatch]
+    ports: _containers.RepeatedScalarFieldContainer[int]
+    not_ports: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, hosts: _Optional[_Iterable[_Union[StringMatch, _Mapping]]] = ..., not_hosts: _Optional[_Iterable[_Union[StringMatch, _Mapping]]] = ..., methods: _Optional[_Iterable[_Union[StringMatch, _Mapping]]] = ..., not_methods: _Optional[_Iterable[_Union[StringMatch, _Mapping]]] = ..., paths: _Optional[_Iterable[_Union[StringMatch, _Mapping]]] = ..., not_paths: _Optional[_Iterable[_Union[StringMatch, _Mapping]]] = ..., ports: _Optional[_Iterable[int]] = ..., not_ports: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class AuthorizationCondition(_message.Message):
+    __slots__ = ("attribute", "header", "values", "not_values")
+    class Attribute(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        REQUEST_HEADER: _ClassVar[AuthorizationCondition.Attribute]
+        SOURCE_PRINCIPAL: _ClassVar[AuthorizationCondition.Attribute]
+        SOURCE_NAMESPACE: _ClassVar[AuthorizationCondition.Attribute]
+        DESTINATION_PORT: _ClassVar[AuthorizationCondition.Attribute]
+    REQUEST_HEADER: AuthorizationCondition.Attribute
+    SOURCE_PRINCIPAL: AuthorizationCondition.Attribute
+    SOURCE_NAMESPACE: AuthorizationCondition.Attribute
+    DESTINATION_PORT: AuthorizationCondition.Attribute
+    ATTRIBUTE_FIELD_NUMBER: _ClassVar[int]
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    NOT_VALUES_FIELD_NUMBER: _ClassVar[int]
+    attribute: AuthorizationCondition.Attribute
+    header: str
+    values: _containers.RepeatedCompositeFieldContainer[StringMatch]
+    not_values: _containers.RepeatedCompositeFieldContainer[StringMatch]
+    def __init__(self, attribute: _Optional[_Union[AuthorizationCondition.Attribute, str]] = ..., header: _Optional[str] = ..., values: _Optional[_Iterable[_Union[StringMatch, _Mapping]]] = ..., not_values: _Optional[_Iterable[_Union[StringMatch, _Mapping]]] = ...) -> None: ...
+
+class StringMatch(_message.Message):
+    __slots__ = ("exact", "prefix", "suffix", "presence")
+    EXACT_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    SUFFIX_FIELD_NUMBER: _ClassVar[int]
+    PRESENCE_FIELD_NUMBER: _ClassVar[int]
+    exact: str
+    prefix: str
+    suffix: str
+    presence: bool
+    def __init__(self, exact: _Optional[str] = ..., prefix: _Optional[str] = ..., suffix: _Optional[str] = ..., presence: _Optional[bool] = ...) -> None: ...

@@ -24,26 +24,39 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from meshproxy.config.v1 import config_pb2 as meshproxy_dot_v1_dot_config__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ameshproxy/v1/control.proto\x12\x0cmeshproxy.v1\x1a\x19meshproxy/v1/config.proto\"\xa0\x01\n\rStreamRequest\x12 \n\x04node\x18\x01 \x01(\x0b\x32\x12.meshproxy.v1.Node\x12\x14\n\x0cversion_info\x18\x02 \x01(\t\x12\x16\n\x0eresponse_nonce\x18\x03 \x01(\t\x12/\n\x0c\x65rror_detail\x18\x04 \x01(\x0b\x32\x19.meshproxy.v1.ErrorDetail\x12\x0e\n\x06worker\x18\x05 \x01(\r\"\x1e\n\x0b\x45rrorDetail\x12\x0f\n\x07message\x18\x01 \x01(\t\"b\n\x0eStreamResponse\x12\x14\n\x0cversion_info\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\t\x12+\n\x06\x63onfig\x18\x03 \x01(\x0b\x32\x1b.meshproxy.v1.SidecarConfig\"N\n\x16SignCertificateRequest\x12\x0b\n\x03\x63sr\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x18\n\x10validity_seconds\x18\x03 \x01(\r\"C\n\x17SignCertificateResponse\x12\x12\n\ncert_chain\x18\x01 \x03(\t\x12\x14\n\x0ctrust_bundle\x18\x02 \x03(\t2\xb6\x01\n\x0bMeshControl\x12G\n\x06Stream\x12\x1b.meshproxy.v1.StreamRequest\x1a\x1c.meshproxy.v1.StreamResponse(\x01\x30\x01\x12^\n\x0fSignCertificate\x12$.meshproxy.v1.SignCertificateRequest\x1a%.meshproxy.v1.SignCertificateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ameshproxy/v1/control.proto\x12\x0cmeshproxy.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19meshproxy/v1/config.proto\"\xa0\x01\n\rStreamRequest\x12 \n\x04node\x18\x01 \x01(\x0b\x32\x12.meshproxy.v1.Node\x12\x14\n\x0cversion_info\x18\x02 \x01(\t\x12\x16\n\x0eresponse_nonce\x18\x03 \x01(\t\x12/\n\x0c\x65rror_detail\x18\x04 \x01(\x0b\x32\x19.meshproxy.v1.ErrorDetail\x12\x0e\n\x06worker\x18\x05 \x01(\r\"\x1e\n\x0b\x45rrorDetail\x12\x0f\n\x07message\x18\x01 \x01(\t\"b\n\x0eStreamResponse\x12\x14\n\x0cversion_info\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\t\x12+\n\x06\x63onfig\x18\x03 \x01(\x0b\x32\x1b.meshproxy.v1.SidecarConfig\"N\n\x16SignCertificateRequest\x12\x0b\n\x03\x63sr\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x18\n\x10validity_seconds\x18\x03 \x01(\r\"C\n\x17SignCertificateResponse\x12\x12\n\ncert_chain\x18\x01 \x03(\t\x12\x14\n\x0ctrust_bundle\x18\x02 \x03(\t\"8\n\x12ProxyStatusRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\"\xf4\x04\n\x0bProxyStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x10\n\x08workload\x18\x03 \x01(\t\x12\x35\n\x06labels\x18\x04 \x03(\x0b\x32%.meshproxy.v1.ProxyStatus.LabelsEntry\x12\x0e\n\x06worker\x18\x05 \x01(\r\x12\x0c\n\x04peer\x18\x06 \x01(\t\x12\x33\n\x0f\x63onnected_since\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0etarget_version\x18\x08 \x01(\t\x12\x14\n\x0csent_version\x18\t \x01(\t\x12\x12\n\nsent_nonce\x18\n \x01(\t\x12+\n\x07sent_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\racked_version\x18\x0c \x01(\t\x12,\n\x08\x61\x63ked_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0enacked_version\x18\x0e \x01(\t\x12\x12\n\nnack_nonce\x18\x0f \x01(\t\x12\x14\n\x0cnack_message\x18\x10 \x01(\t\x12\r\n\x05nacks\x18\x11 \x01(\r\x12.\n\x05state\x18\x12 \x01(\x0e\x32\x1f.meshproxy.v1.ProxyStatus.State\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"A\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\n\n\x06SYNCED\x10\x01\x12\t\n\x05STALE\x10\x02\x12\n\n\x06NACKED\x10\x03\"S\n\x13ProxyStatusResponse\x12*\n\x07proxies\x18\x01 \x03(\x0b\x32\x19.meshproxy.v1.ProxyStatus\x12\x10\n\x08revision\x18\x02 \x01(\x03\x32\x8a\x02\n\x0bMeshControl\x12G\n\x06Stream\x12\x1b.meshproxy.v1.StreamRequest\x1a\x1c.meshproxy.v1.StreamResponse(\x01\x30\x01\x12^\n\x0fSignCertificate\x12$.meshproxy.v1.SignCertificateRequest\x1a%.meshproxy.v1.SignCertificateResponse\x12R\n\x0bProxyStatus\x12 .meshproxy.v1.ProxyStatusRequest\x1a!.meshproxy.v1.ProxyStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'meshproxy.config.v1.control_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STREAMREQUEST']._serialized_start=72
-  _globals['_STREAMREQUEST']._serialized_end=232
-  _globals['_ERRORDETAIL']._serialized_start=234
-  _globals['_ERRORDETAIL']._serialized_end=264
-  _globals['_STREAMRESPONSE']._serialized_start=266
-  _globals['_STREAMRESPONSE']._serialized_end=364
-  _globals['_SIGNCERTIFICATEREQUEST']._serialized_start=366
-  _globals['_SIGNCERTIFICATEREQUEST']._serialized_end=444
-  _globals['_SIGNCERTIFICATERESPONSE']._serialized_start=446
-  _globals['_SIGNCERTIFICATERESPONSE']._serialized_end=513
-  _globals['_MESHCONTROL']._serialized_start=516
-  _globals['_MESHCONTROL']._serialized_end=698
+  _globals['_PROXYSTATUS_LABELSENTRY']._loaded_options = None
+  _globals['_PROXYSTATUS_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_STREAMREQUEST']._serialized_start=105
+  _globals['_STREAMREQUEST']._serialized_end=265
+  _globals['_ERRORDETAIL']._serialized_start=267
+  _globals['_ERRORDETAIL']._serialized_end=297
+  _globals['_STREAMRESPONSE']._serialized_start=299
+  _globals['_STREAMRESPONSE']._serialized_end=397
+  _globals['_SIGNCERTIFICATEREQUEST']._serialized_start=399
+  _globals['_SIGNCERTIFICATEREQUEST']._serialized_end=477
+  _globals['_SIGNCERTIFICATERESPONSE']._serialized_start=479
+  _globals['_SIGNCERTIFICATERESPONSE']._serialized_end=546
+  _globals['_PROXYSTATUSREQUEST']._serialized_start=548
+  _globals['_PROXYSTATUSREQUEST']._serialized_end=604
+  _globals['_PROXYSTATUS']._serialized_start=607
+  _globals['_PROXYSTATUS']._serialized_end=1235
+  _globals['_PROXYSTATUS_LABELSENTRY']._serialized_start=1123
+  _globals['_PROXYSTATUS_LABELSENTRY']._serialized_end=1168
+  _globals['_PROXYSTATUS_STATE']._serialized_start=1170
+  _globals['_PROXYSTATUS_STATE']._serialized_end=1235
+  _globals['_PROXYSTATUSRESPONSE']._serialized_start=1237
+  _globals['_PROXYSTATUSRESPONSE']._serialized_end=1320
+  _globals['_MESHCONTROL']._serialized_start=1323
+  _globals['_MESHCONTROL']._serialized_end=1589
 # @@protoc_insertion_point(module_scope)

@@ -46,6 +46,11 @@ class MeshControlStub:
                 request_serializer=meshproxy_dot_v1_dot_control__pb2.SignCertificateRequest.SerializeToString,
                 response_deserializer=meshproxy_dot_v1_dot_control__pb2.SignCertificateResponse.FromString,
                 _registered_method=True)
+        self.ProxyStatus = channel.unary_unary(
+                '/meshproxy.v1.MeshControl/ProxyStatus',
+                request_serializer=meshproxy_dot_v1_dot_control__pb2.ProxyStatusRequest.SerializeToString,
+                response_deserializer=meshproxy_dot_v1_dot_control__pb2.ProxyStatusResponse.FromString,
+                _registered_method=True)
 
 
 class MeshControlServicer:
@@ -64,6 +69,14 @@ class MeshControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ProxyStatus(self, request, context):
+        """Every sidecar worker subscribed to this control plane replica, and where
+        its config stands (meshctl proxy-status).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MeshControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -76,6 +89,11 @@ def add_MeshControlServicer_to_server(servicer, server):
                     servicer.SignCertificate,
                     request_deserializer=meshproxy_dot_v1_dot_control__pb2.SignCertificateRequest.FromString,
                     response_serializer=meshproxy_dot_v1_dot_control__pb2.SignCertificateResponse.SerializeToString,
+            ),
+            'ProxyStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.ProxyStatus,
+                    request_deserializer=meshproxy_dot_v1_dot_control__pb2.ProxyStatusRequest.FromString,
+                    response_serializer=meshproxy_dot_v1_dot_control__pb2.ProxyStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,6 +150,33 @@ class MeshControl:
             '/meshproxy.v1.MeshControl/SignCertificate',
             meshproxy_dot_v1_dot_control__pb2.SignCertificateRequest.SerializeToString,
             meshproxy_dot_v1_dot_control__pb2.SignCertificateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ProxyStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshproxy.v1.MeshControl/ProxyStatus',
+            meshproxy_dot_v1_dot_control__pb2.ProxyStatusRequest.SerializeToString,
+            meshproxy_dot_v1_dot_control__pb2.ProxyStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,
