@@ -698,12 +698,7 @@ def markdown(report: dict[str, Any]) -> str:
         "suspect); *client core*, h2load + backend CPU over wall time; *errors*, failed + errored + timed out + "
         "non-2xx, warm-up included.",
         f"CPU: {report['cpu_measure']}.",
-        "Versions: "
-        + ", ".join(f"{k} {val}" for k, val in report["versions"].items())
-        + f"; Python {report['python']}; Linux {report['kernel']}; meshproxy at "
-        + f"{(report['git']['commit'] or 'unknown')[:12]}"
-        + (" with uncommitted changes" if report["git"]["dirty"] else "")
-        + ".",
+        br.versions_line(report),
     ]
     return "\n".join(lines) + "\n"
 

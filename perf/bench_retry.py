@@ -260,6 +260,19 @@ def compare(shape: str, off: dict[str, Any], on: dict[str, Any]) -> dict[str, An
     return out
 
 
+def versions_line(report: dict[str, Any]) -> str:
+    """The report's last line: the tools', Python's, the kernel's and meshproxy's versions (commit, and
+    whether the tree had uncommitted changes)."""
+    return (
+        "Versions: "
+        + ", ".join(f"{k} {val}" for k, val in report["versions"].items())
+        + f"; Python {report['python']}; Linux {report['kernel']}; meshproxy at "
+        + f"{(report['git']['commit'] or 'unknown')[:12]}"
+        + (" with uncommitted changes" if report["git"]["dirty"] else "")
+        + "."
+    )
+
+
 def git_state() -> dict[str, Any]:
     """The checkout measured: its commit and whether the working tree had changes (the sidecar is run from it)."""
     try:
@@ -355,12 +368,7 @@ def markdown(report: dict[str, Any]) -> str:
         "busy on that CPU or stolen by the hypervisor (large values make the row suspect); *client core*, h2load + "
         "backend CPU over wall time; *errors*, failed + errored + timed out + non-2xx, warm-up included.",
         f"CPU: {report['cpu_measure']}.",
-        "Versions: "
-        + ", ".join(f"{k} {val}" for k, val in report["versions"].items())
-        + f"; Python {report['python']}; Linux {report['kernel']}; meshproxy at "
-        + f"{(report['git']['commit'] or 'unknown')[:12]}"
-        + (" with uncommitted changes" if report["git"]["dirty"] else "")
-        + ".",
+        versions_line(report),
     ]
     return "\n".join(lines) + "\n"
 

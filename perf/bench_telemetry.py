@@ -548,12 +548,7 @@ def markdown(report: dict[str, Any]) -> str:
         "SDK dropped spans, so that row's CPU is a floor; otlp's CPU window runs on until the exporter has sent the "
         "run's last spans, with the sidecar otherwise idle); *errors*, failed + errored + timed out + non-2xx.",
         f"CPU: {report['cpu_measure']}.",
-        "Versions: "
-        + ", ".join(f"{k} {val}" for k, val in report["versions"].items())
-        + f"; Python {report['python']}; Linux {report['kernel']}; meshproxy at "
-        + f"{(report['git']['commit'] or 'unknown')[:12]}"
-        + (" with uncommitted changes" if report["git"]["dirty"] else "")
-        + ".",
+        br.versions_line(report),
     ]
     return "\n".join(lines) + "\n"
 
