@@ -290,8 +290,9 @@ class Call:
             when = None
             if deadline_ns >= 0:
                 when = asyncio.get_running_loop().time() + deadline_ns / 1e9
+            deadline = asyncio.timeout_at(when)
             try:
-                async with asyncio.timeout_at(when):
+                async with deadline:
                     if method.client_streaming:
                         await method.handler(self)
                     else:
@@ -306,7 +307,9 @@ class Call:
                             response = await method.handler(request, self)
                             await self.send(response)
             except TimeoutError:
-                if when is None or asyncio.get_running_loop().time() < when:
+                # Ours only if the deadline fired (the loop's clock may read a hair before ``when``
+                # when it does): a TimeoutError of the handler's own is a failure like any other.
+                if not deadline.expired():
                     raise
                 raise GrpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded") from None
         except GrpcError as e:

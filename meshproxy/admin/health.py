@@ -36,15 +36,17 @@ class Health:
     def __init__(self, worker: Any, services: tuple[str, ...] = ("", ADMIN_SERVICE)) -> None:
         self.worker = worker
         self.services = services
-        self._changed: asyncio.Event = asyncio.Event()
+        # One future per watcher, resolved by a change or by the watcher's re-check timer.
+        self._waiters: set[asyncio.Future] = set()
 
     def status(self) -> int:
         return SERVING if self.worker.ready else NOT_SERVING
 
     def changed(self, *_: Any) -> None:
         """Wake the watchers (a worker hook: called with the new runtime, or nothing)."""
-        self._changed.set()
-        self._changed = asyncio.Event()
+        for wake in self._waiters:
+            if not wake.done():
+                wake.set_result(None)
 
     async def Check(self, request: Any, call: Call) -> Any:
         if request.service not in self.services:
@@ -60,18 +62,29 @@ class Health:
     async def Watch(self, request: Any, call: Call) -> None:
         known = request.service in self.services
         last = -1
-        # Ends when the client cancels, the connection goes or the server closes (the task is cancelled).
+        loop = asyncio.get_running_loop()
+        # Ends when the client cancels, the connection goes, the call's deadline passes or the server
+        # closes (the task is cancelled). The wait is a future, not a nested asyncio.timeout: on
+        # Python 3.11 an inner timeout expiring together with the call's deadline can turn the
+        # deadline's cancellation into its own TimeoutError, which would be swallowed here.
         while True:
-            changed = self._changed  # taken first: a change while we send still wakes us
-            status = self.status() if known else SERVICE_UNKNOWN
-            if status != last:
-                await call.send(health_pb2.HealthCheckResponse(status=status))
-                last = status
+            wake = loop.create_future()  # registered first: a change while we send still wakes us
+            self._waiters.add(wake)
+            timer = loop.call_later(RECHECK, _resolve, wake)
             try:
-                async with asyncio.timeout(RECHECK):
-                    await changed.wait()
-            except TimeoutError:
-                pass
+                status = self.status() if known else SERVICE_UNKNOWN
+                if status != last:
+                    await call.send(health_pb2.HealthCheckResponse(status=status))
+                    last = status
+                await wake
+            finally:
+                timer.cancel()
+                self._waiters.discard(wake)
+
+
+def _resolve(wake: asyncio.Future) -> None:
+    if not wake.done():
+        wake.set_result(None)
 
 
 def health_service(health: Health) -> Service:
