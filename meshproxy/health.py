@@ -36,13 +36,35 @@ if TYPE_CHECKING:
     from meshproxy.upstream import Endpoint
     from meshproxy.worker import Runtime
 
-__all__ = ["SERVING", "HealthChecker", "check_request", "grpc_health_check", "serving_status"]
+__all__ = ["SERVING", "HealthChecker", "check_request", "grpc_health_check", "read_response", "serving_status"]
 
 log = logging.getLogger("meshproxy.health")
 
 CHECK_PATH = b"/grpc.health.v1.Health/Check"
 #: HealthCheckResponse.ServingStatus.SERVING
 SERVING = 1
+
+
+async def read_response(conn: Any, stream: Any, reader: Any, writer: Any, peer: str) -> list[bytes]:
+    """The gRPC messages of ``stream``'s response, read from ``reader`` until the stream ends, our
+    own client connection ``conn`` answering on ``writer`` as it goes (WINDOW_UPDATE, PING, SETTINGS
+    ACK). ConnectionError when the ``peer`` closes the connection or the HTTP/2 connection fails;
+    the caller bounds the wait. Also the admin service's calls to the other workers."""
+    messages = MessageReader()
+    got: list[bytes] = []
+    while not (stream.recv_end or stream.state == "closed"):
+        data = await reader.read(1 << 16)
+        if not data:
+            raise ConnectionError(f"the {peer} closed the connection")
+        for ev in conn.receive(data) or ():
+            if ev[0] == h2.EV_DATA and ev[1] is stream:
+                got += messages.feed(ev[2])
+        out = conn.data_to_send()
+        if out:
+            writer.write(out)
+        if conn.terminated:
+            raise ConnectionError("HTTP/2 connection error")
+    return got
 
 
 def check_request(service: str) -> bytes:
@@ -91,20 +113,7 @@ async def _exchange(
     stream = conn.open_stream(headers)
     conn.send_data(stream, grpc_frame(check_request(service)), True)
     writer.write(conn.data_to_send())
-    messages = MessageReader()
-    got: list[bytes] = []
-    while not (stream.recv_end or stream.state == "closed"):
-        data = await reader.read(65536)
-        if not data:
-            raise ConnectionError("the endpoint closed the connection")
-        for ev in conn.receive(data) or ():
-            if ev[0] == h2.EV_DATA and ev[1] is stream:
-                got += messages.feed(ev[2])
-        out = conn.data_to_send()
-        if out:
-            writer.write(out)
-        if conn.terminated:
-            raise ConnectionError("HTTP/2 connection error")
+    got = await read_response(conn, stream, reader, writer, "endpoint")
     if stream.closed_remote_reset:
         return False, f"the check was reset (error code {stream.error_code})"
     if stream.status != 200:

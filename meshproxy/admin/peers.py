@@ -23,7 +23,8 @@ from google.protobuf.message import DecodeError
 from meshproxy.admin.v1 import admin_pb2
 from meshproxy.conn import h2conn as h2
 from meshproxy.errors import H2Error
-from meshproxy.wire import FramingError, MessageReader, grpc_frame
+from meshproxy.health import read_response
+from meshproxy.wire import FramingError, grpc_frame
 
 __all__ = ["PeerError", "Peers", "unary"]
 
@@ -58,21 +59,8 @@ async def unary(path: str, method: str, request: Any, response_cls: Any, timeout
             )
             conn.send_data(stream, grpc_frame(request.SerializeToString()), True)
             writer.write(conn.data_to_send())
-            messages = MessageReader()
-            got: list[bytes] = []
-            # Bounded by the timeout: each pass reads more of the answer.
-            while not (stream.recv_end or stream.state == "closed"):
-                data = await reader.read(1 << 16)
-                if not data:
-                    raise PeerError("the worker closed the connection")
-                for ev in conn.receive(data) or ():
-                    if ev[0] == h2.EV_DATA and ev[1] is stream:
-                        got += messages.feed(ev[2])
-                out = conn.data_to_send()
-                if out:
-                    writer.write(out)
-                if conn.terminated:
-                    raise PeerError("HTTP/2 connection error")
+            # Bounded by the timeout.
+            got = await read_response(conn, stream, reader, writer, "worker")
     except TimeoutError:
         raise PeerError(f"no answer within {timeout:g}s") from None
     except (OSError, H2Error, FramingError) as e:
