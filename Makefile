@@ -12,9 +12,10 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.meshproxy-installed
 BUILD_INPUTS := pyproject.toml setup.py $(wildcard meshproxy/_fast/*.pyx meshproxy/_fast/*.pxd)
 
-# Real peers: h2load/nghttpd/nghttpx, wrk, the gRPC interop protos, and iptables
-# (the interception tests program it in network namespaces).
-DEBIAN_PACKAGES := nghttp2-client nghttp2-server nghttp2-proxy wrk grpc-proto iptables
+# Real peers: h2load/nghttpd/nghttpx, wrk, the gRPC interop protos, iptables
+# (the interception tests program it in network namespaces), and valgrind
+# (perf/bench_retry_instructions.py counts instructions with callgrind).
+DEBIAN_PACKAGES := nghttp2-client nghttp2-server nghttp2-proxy wrk grpc-proto iptables valgrind
 
 .PHONY: test lint bench demo install clean debs
 
@@ -23,7 +24,7 @@ install: $(STAMP) debs
 debs:
 	@if ! command -v h2load >/dev/null || ! command -v nghttpd >/dev/null || ! command -v nghttpx >/dev/null \
 	    || ! command -v wrk >/dev/null || ! test -f /usr/share/grpc-proto/grpc/testing/test.proto \
-	    || ! command -v iptables-restore >/dev/null; then \
+	    || ! command -v iptables-restore >/dev/null || ! command -v callgrind_control >/dev/null; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEBIAN_PACKAGES); \
 	fi
 
@@ -50,6 +51,7 @@ bench: $(STAMP) debs
 	$(PY) perf/bench_resilience.py
 	$(PY) perf/bench_proxy.py
 	$(PY) perf/bench_retry.py
+	$(PY) perf/bench_retry_instructions.py
 	$(PY) perf/bench_telemetry.py
 	$(PY) perf/bench_mtls.py
 	$(PY) perf/bench_push.py

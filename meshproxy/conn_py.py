@@ -91,6 +91,7 @@ __all__ = [
     "Outbox",
     "RetryOn",
     "Stream",
+    "TryTimeouts",
     "abandon",
     "link",
     "monotonic_ns",
@@ -310,13 +311,48 @@ class RetryOn:
     the attempt, keeps the request (body included) and raises ``EV_RETRY``
     for it; false, and the response (or the reset) goes downstream as it
     would have.
+
+    With ``per_try_ns`` > 0, every attempt ``open_forward`` sends for the
+    stream is also armed in ``timeouts`` (a ``TryTimeouts``), due that long
+    after the attempt's stream opened, and disarmed by the core when that
+    stream closes: a per-try timeout costs no Python per attempt.
     """
 
-    __slots__ = ("_grpc_mask", "_on_5xx", "_on_gateway", "_on_reset", "_statuses", "hook")
+    __slots__ = (
+        "_grpc_mask",
+        "_on_5xx",
+        "_on_gateway",
+        "_on_reset",
+        "_per_try_ns",
+        "_statuses",
+        "_timeouts",
+        "_try_queue",
+        "hook",
+    )
 
-    def __init__(self, hook, *, on_5xx=False, on_gateway=False, on_reset=False, statuses=(), grpc_statuses=()):
+    def __init__(
+        self,
+        hook,
+        *,
+        on_5xx=False,
+        on_gateway=False,
+        on_reset=False,
+        statuses=(),
+        grpc_statuses=(),
+        per_try_ns=0,
+        timeouts=None,
+    ):
+        per_try_ns = _int64(per_try_ns)
+        _typed(timeouts, TryTimeouts, "timeouts")
         if not callable(hook):
             raise TypeError("hook must be callable")
+        if per_try_ns < 0:
+            raise ValueError("per_try_ns must be >= 0")
+        if per_try_ns and timeouts is None:
+            raise ValueError("a per-try timeout needs the TryTimeouts to arm it in")
+        self._per_try_ns = per_try_ns
+        self._timeouts = timeouts
+        self._try_queue = timeouts._queue(per_try_ns) if per_try_ns else None
         mask = 0
         for g in grpc_statuses:
             if not 0 <= g <= 31:
@@ -334,6 +370,8 @@ class RetryOn:
     on_reset = property(attrgetter("_on_reset"))
     statuses = property(attrgetter("_statuses"))
     grpc_mask = property(attrgetter("_grpc_mask"))
+    per_try_ns = property(attrgetter("_per_try_ns"))
+    timeouts = property(attrgetter("_timeouts"))
 
     def matches(self, status: int, grpc_status: int = -1) -> bool:
         """Whether response headers with ``status`` (and, trailers-only, ``grpc_status``; -1 none) qualify."""
@@ -342,6 +380,151 @@ class RetryOn:
         if 0 <= grpc_status < 32 and (self._grpc_mask >> grpc_status) & 1:
             return True
         return status in self._statuses
+
+
+class _TryQueue:
+    # The attempts of one TryTimeouts armed with one per-try timeout, in due order, linked through
+    # Stream._try_next/_try_prev (opened in order with the same timeout: each is appended at the end).
+
+    __slots__ = ("first", "last", "n")
+
+    def __init__(self) -> None:
+        self.first: Stream | None = None
+        self.last: Stream | None = None
+        self.n = 0
+
+
+class TryTimeouts:
+    """Per-try timeouts of one worker's attempts, armed and disarmed by the core.
+
+    Nearly every attempt of a route with a per-try timeout is armed and
+    almost none expires, so ``open_forward`` arms the attempt's upstream
+    stream and the stream's close disarms it, with no allocation: each
+    per-try timeout has a queue linked through its streams, and as attempts
+    open in time order with the same timeout, each new one goes at the end
+    of its queue.
+
+    The owner keeps one timer: ``arm(at_ns)`` is called whenever the
+    earliest attempt armed becomes due sooner than the timer, with its due
+    time rounded up to the next multiple of ``slot_ns`` (so expiries close
+    together share a wake-up, up to ``slot_ns`` late). The owner then calls
+    ``expire(now_ns)`` at that time: it takes out every attempt due by
+    ``now_ns``, sets the timer for the next one, and returns those still
+    waiting for response headers (open, linked to their request; after the
+    headers the request's deadline governs), earliest first for each
+    per-try timeout.
+    """
+
+    __slots__ = ("_arm", "_queues", "_slot_ns", "_timer_at")
+
+    def __init__(self, arm, slot_ns=5_000_000) -> None:
+        slot_ns = _int64(slot_ns)
+        if not callable(arm):
+            raise TypeError("arm must be callable")
+        if slot_ns <= 0:
+            raise ValueError("slot_ns must be > 0")
+        self._arm = arm
+        self._slot_ns = slot_ns
+        self._queues: dict[int, _TryQueue] = {}  # per-try timeout (ns; -1 for add()) -> its queue
+        self._timer_at = 0
+
+    slot_ns = property(attrgetter("_slot_ns"))
+
+    def __len__(self) -> int:
+        """The attempts armed."""
+        return sum(q.n for q in self._queues.values())
+
+    @property
+    def timer_at_ns(self) -> int:
+        """When the owner's timer is to fire, 0: no attempt is armed."""
+        return self._timer_at
+
+    def add(self, s: Stream, due_ns) -> None:
+        """Arm ``s`` (an open stream) to expire at ``due_ns``, instead of any time it was armed for."""
+        _typed(s, Stream, "s")
+        if s is None:
+            raise TypeError("Argument 's' must not be None")
+        due_ns = _int64(due_ns)
+        if s._state == S_CLOSED:
+            raise ValueError("the stream is closed")
+        if s._try_queue is not None:
+            _try_unlink(s)
+        self._insert(self._queue(-1), s, due_ns)
+
+    def _queue(self, key: int) -> _TryQueue:
+        q = self._queues.get(key)
+        if q is None:
+            q = self._queues[key] = _TryQueue()
+        return q
+
+    def _insert(self, q: _TryQueue, s: Stream, due_ns: int) -> None:
+        at = q.last
+        # Due order from the end: one comparison when s is due last, the common case.
+        while at is not None and at._try_due_ns > due_ns:
+            at = at._try_prev
+        s._try_queue = q
+        s._try_due_ns = due_ns
+        s._try_prev = at
+        if at is None:
+            s._try_next = q.first
+            q.first = s
+        else:
+            s._try_next = at._try_next
+            at._try_next = s
+        if s._try_next is None:
+            q.last = s
+        else:
+            s._try_next._try_prev = s
+        q.n += 1
+        if at is None:
+            t = (due_ns // self._slot_ns + 1) * self._slot_ns
+            if self._timer_at == 0 or t < self._timer_at:
+                self._timer_at = t
+                self._arm(t)
+
+    def expire(self, now_ns) -> list[Stream]:
+        """Take out the attempts due by ``now_ns``; those still waiting for response headers."""
+        now_ns = _int64(now_ns)
+        out: list[Stream] = []
+        next_at = 0
+        for q in self._queues.values():
+            s = q.first
+            while s is not None and s._try_due_ns <= now_ns:
+                nxt = s._try_next
+                s._try_queue = s._try_next = s._try_prev = None
+                q.n -= 1
+                if s._state != S_CLOSED and not s._recv_headers and s._peer is not None:
+                    out.append(s)
+                s = nxt
+            q.first = s
+            if s is None:
+                q.last = None
+            else:
+                s._try_prev = None
+                t = (s._try_due_ns // self._slot_ns + 1) * self._slot_ns
+                if next_at == 0 or t < next_at:
+                    next_at = t
+        self._timer_at = next_at
+        if next_at:
+            self._arm(next_at)
+        return out
+
+
+def _try_unlink(s: Stream) -> None:
+    # Take s out of its TryTimeouts queue (its attempt ended or it is re-armed). The owner's timer
+    # stays: if s was the earliest, the timer finds nothing due and moves on to the next one.
+    q = s._try_queue
+    prev, nxt = s._try_prev, s._try_next
+    if prev is None:
+        q.first = nxt
+    else:
+        prev._try_next = nxt
+    if nxt is None:
+        q.last = prev
+    else:
+        nxt._try_prev = prev
+    q.n -= 1
+    s._try_queue = s._try_next = s._try_prev = None
 
 
 class Stream:
@@ -407,6 +590,10 @@ class Stream:
         "_trace_in",  # an incoming traceparent: 0 none, 1 invalid or repeated, 2 + flags: valid
         "_trace_out",  # the traceparent value sent upstream; None: the incoming one unchanged
         "_trailers",
+        "_try_due_ns",
+        "_try_next",
+        "_try_prev",
+        "_try_queue",  # client role: the TryTimeouts queue its per-try timeout is in, or None
         "_unprocessed",  # refused or above a GOAWAY's last stream id: safe to retry
         "user",  # the Python layer's attachment (route, completion record)
     )
@@ -497,6 +684,8 @@ class Stream:
         s._attempts = 0
         s._redispatched = 0
         s._retry = None
+        s._try_queue = s._try_next = s._try_prev = None
+        s._try_due_ns = 0
         c._streams[sid] = s
         c._streams_total += 1
         return s
@@ -1489,7 +1678,8 @@ class H2Connection:
         rewritten when given, ``grpc-timeout`` replaced by ``timeout_ns`` when
         that is >= 0 (the time left), and ``x-request-id`` added when absent
         and the connection generates them. DATA that arrived before the link
-        is forwarded now.
+        is forwarded now. When ``src.retry`` has a per-try timeout, the new
+        stream is armed in its ``TryTimeouts``.
         """
         _typed(src, Stream, "src")
         end = src._held_end and src._held_trailers is None and not src.held_bytes and not (src._resend and src._replay)
@@ -1547,6 +1737,9 @@ class H2Connection:
         s._peer = src
         _send_headers(s, out, end)
         _release_held(src)
+        retry = src._retry
+        if retry is not None and retry._per_try_ns:
+            retry._timeouts._insert(retry._try_queue, s, s._t_open_ns + retry._per_try_ns)
         return s
 
     def _random64(self) -> int:
@@ -1753,6 +1946,8 @@ class H2Connection:
             return
         s._state = S_CLOSED
         del self._streams[s._id]
+        if s._try_queue is not None:
+            _try_unlink(s)
         if (s._id & 1) == self._client:
             self._open_local -= 1
         else:

@@ -77,7 +77,6 @@ class Request:
         "start_ns",
         "subset",
         "tried",
-        "try_due",
         "up",
     )
 
@@ -103,8 +102,6 @@ class Request:
         self.retrying = False  # counted in the cluster's active retries
         self.backoff = False  # the next re-send waits out the backoff
         self.tried: list[Endpoint] | None = None  # endpoints of earlier attempts
-        # The set of the worker's TryTimeouts slot the attempt in flight is in (None: no per-try timeout).
-        self.try_due: set[Request] | None = None
         # For the stream idle timeout: what the stream had done at the last sweep, and since when.
         self.activity: tuple | None = None
         self.active_at = start_ns
@@ -132,69 +129,39 @@ class Request:
 
 
 class TryTimeouts:
-    """Per-try timeouts of one worker: a timing wheel of ``SLOT_NS`` slots and one timer.
+    """Per-try timeouts of one worker: the core's ``h2.TryTimeouts`` and one loop timer.
 
-    Every attempt of a request whose route sets ``per_try_timeout`` is armed,
-    and almost none fires: arming and disarming must cost next to nothing (a
-    set add and discard, no TimerHandle per attempt, nothing kept once the
-    attempt ends). The price is precision: a timeout fires at the start of
-    the first slot at or after it is due, up to ``SLOT_NS`` late.
+    The core arms every attempt of a route with a per-try timeout in
+    ``wheel`` as it opens the attempt's upstream stream, and disarms it as
+    that stream closes, so no Python runs per attempt. Here only the
+    earliest attempt armed has a timer, and when it fires, each attempt
+    that ran out without response headers goes to its downstream
+    connection's ``per_try_expired``. Timeouts due within ``SLOT_NS`` of
+    each other share a wake-up, and fire up to ``SLOT_NS`` late.
     """
 
     SLOT_NS = 5_000_000
 
-    __slots__ = ("_order", "_slots", "_timer", "_timer_slot", "last", "last_slot", "worker")
+    __slots__ = ("_timer", "wheel", "worker")
 
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
-        self._slots: dict[int, set[Request]] = {}
-        self._order: list[int] = []  # a heap of the slots in _slots
+        self.wheel = h2.TryTimeouts(self._arm, self.SLOT_NS)
         self._timer: asyncio.TimerHandle | None = None
-        self._timer_slot = 0
-        # The slot most recently added to: under load, most attempts land in the same one (public:
-        # DownstreamProtocol._forward inlines the common case of add).
-        self.last_slot = 0
-        self.last: set[Request] = set()
 
-    def add(self, req: Request, due_ns: int) -> None:
-        """Arm ``req``'s per-try timeout; ``req.try_due.discard(req)`` (and None) disarms it."""
-        k = due_ns // self.SLOT_NS + 1
-        if k == self.last_slot:
-            due = self.last
-            due.add(req)
-            req.try_due = due
-            return
-        due = self._slots.get(k)
-        if due is None:
-            due = self._slots[k] = set()
-            heapq.heappush(self._order, k)
-            if self._timer is None or k < self._timer_slot:
-                self._arm(k)
-        due.add(req)
-        req.try_due = due
-        self.last_slot = k
-        self.last = due
-
-    def _arm(self, k: int) -> None:
+    def _arm(self, at_ns: int) -> None:
+        # The wheel's earliest slot holding an attempt is now the one ending at at_ns.
         if self._timer is not None:
             self._timer.cancel()
-        self._timer_slot = k
-        self._timer = self.worker.loop.call_later(max(0.0, (k * self.SLOT_NS - now_ns()) / 1e9), self._fire)
+        self._timer = self.worker.loop.call_later(max(0.0, (at_ns - now_ns()) / 1e9), self._fire)
 
     def _fire(self) -> None:
         self._timer = None
-        current = now_ns() // self.SLOT_NS
-        order = self._order
-        while order and order[0] <= current:
-            k = heapq.heappop(order)
-            if k == self.last_slot:
-                self.last_slot = 0
-            for req in self._slots.pop(k, ()):
-                req.try_due = None
+        for up in self.wheel.expire(now_ns()):
+            req = up.peer.user
+            if req is not None and req.up is up:
                 # The downstream connection's protocol (its event handler's owner) runs the retry.
                 req.down.conn.handler.__self__.per_try_expired(req)
-        if order:
-            self._arm(order[0])
         self.worker.outbox.flush()
 
 
@@ -508,10 +475,6 @@ class DownstreamProtocol(H2Protocol):
         req.tried.append(req.endpoint)
         req.index = -1
         req.up = None
-        due = req.try_due
-        if due is not None:
-            due.discard(req)
-            req.try_due = None
 
     def _redispatch(self, s: h2.Stream) -> None:
         # The core took the request back (EV_RETRY): the upstream never processed
@@ -561,21 +524,9 @@ class DownstreamProtocol(H2Protocol):
             if timeout_ns <= 0:
                 expire(req)
                 return
-        up = c.open_forward(s, route.authority_rewrite, route.rewrite_path(s.path), timeout_ns)
-        req.up = up
-        policy = route.retry
-        if policy is not None and policy.per_try_ns:
-            # The per-try timeout is ours alone (the upstream's grpc-timeout is the time left, as
-            # Envoy sends it): formatting one more header per attempt cost more than the timer.
-            # The attempt started when the core opened its stream (no clock read here).
-            tt = self.worker.try_timeouts
-            due = up.t_open_ns + policy.per_try_ns
-            if due // tt.SLOT_NS + 1 == tt.last_slot:
-                # TryTimeouts.add's common case, inline: under load most attempts share a slot.
-                tt.last.add(req)
-                req.try_due = tt.last
-            else:
-                tt.add(req, due)
+        # With a per-try timeout, the core arms the attempt in the worker's TryTimeouts. The timeout
+        # is ours alone (the upstream's grpc-timeout is the time left, as Envoy sends it).
+        req.up = c.open_forward(s, route.authority_rewrite, route.rewrite_path(s.path), timeout_ns)
 
     def per_try_expired(self, req: Request) -> None:
         """The per-try timeout of ``req``'s attempt in flight: it covers the wait for response

@@ -108,7 +108,11 @@ class Runtime:
     )
 
     def __init__(
-        self, config: Any, previous: Runtime | None = None, retry_hook: Callable[[Any, Any, int], bool] | None = None
+        self,
+        config: Any,
+        previous: Runtime | None = None,
+        retry_hook: Callable[[Any, Any, int], bool] | None = None,
+        try_timeouts: Any = None,
     ) -> None:
         self.config = config
         self.version = config.version
@@ -136,7 +140,7 @@ class Runtime:
                 if policy is None:
                     continue
                 if retry_hook is not None:
-                    policy.bind(retry_hook)
+                    policy.bind(retry_hook, try_timeouts)
                 if policy.budget_args is not None:
                     key = (listener, route.virtual_host, route.name, policy.budget_args)
                     b = old_budgets.get(key) or self.route_budgets.get(key)
@@ -255,11 +259,13 @@ class Worker:
         self.security: Any = None
         if config is not None:
             self._amend(config)
-        self.runtime: Runtime | None = Runtime(config, None, self.retry_hook) if config is not None else None
-        if self.runtime is not None:
-            self.config_log.accepted()
         self.deadlines = Deadlines(self)
         self.try_timeouts = TryTimeouts(self)
+        self.runtime: Runtime | None = (
+            Runtime(config, None, self.retry_hook, self.try_timeouts.wheel) if config is not None else None
+        )
+        if self.runtime is not None:
+            self.config_log.accepted()
         self.health = HealthChecker(loop, self)
         self.downstreams: set[DownstreamProtocol] = set()
         self.upstreams: set[UpstreamProtocol] = set()
@@ -301,7 +307,7 @@ class Worker:
         """
         try:
             self._amend(config)
-            runtime = Runtime(config, self.runtime, self.retry_hook)
+            runtime = Runtime(config, self.runtime, self.retry_hook, self.try_timeouts.wheel)
         except ConfigError as e:
             self.config_log.rejected(config.version, str(e))
             raise
@@ -350,7 +356,7 @@ class Worker:
                         f"listeners[{i}].address", f"cannot listen on {ls.address}: {e.strerror or e}"
                     ) from None
             # Last: building the runtime takes over the endpoints (and connections) of the old one.
-            runtime = Runtime(config, self.runtime, self.retry_hook)
+            runtime = Runtime(config, self.runtime, self.retry_hook, self.try_timeouts.wheel)
         except BaseException as e:
             _close_servers(opened)
             if isinstance(e, ConfigError):
@@ -425,10 +431,6 @@ class Worker:
             state.active_requests -= 1
             if req.retrying:
                 state.active_retries -= 1
-            due = req.try_due
-            if due is not None:
-                due.discard(req)
-                req.try_due = None
             up = req.up
             ep = req.endpoint
             if ep is not None and ep.waiters:

@@ -7,6 +7,9 @@ from meshproxy._fast.hpack cimport Decoder, Encoder
 
 
 cdef class H2Connection
+cdef class Stream
+cdef class TryTimeouts
+cdef class _TryQueue
 
 
 cdef class RetryOn:
@@ -16,8 +19,29 @@ cdef class RetryOn:
     cdef readonly frozenset statuses
     cdef readonly uint32_t grpc_mask
     cdef public object hook
+    cdef readonly int64_t per_try_ns     # each attempt's time to response headers, 0: none
+    cdef readonly TryTimeouts timeouts   # where open_forward arms that per-try timeout
+    cdef _TryQueue _try_queue            # timeouts' queue for per_try_ns
 
     cdef bint wants(self, int status, int grpc_status)
+
+
+cdef class _TryQueue:
+    # The attempts of one TryTimeouts armed with one per-try timeout, in due order, linked through
+    # Stream.try_next/try_prev (opened in order with the same timeout: each is appended at the end).
+    cdef Stream first
+    cdef Stream last
+    cdef Py_ssize_t n
+
+
+cdef class TryTimeouts:
+    cdef readonly int64_t slot_ns
+    cdef dict _queues                    # per-try timeout (ns; -1 for add()) -> _TryQueue
+    cdef int64_t _timer_at               # when the owner's timer is set to fire, 0: not set
+    cdef object _arm                     # the owner's callable(at_ns): set the timer
+
+    cdef _TryQueue _queue(self, int64_t key)
+    cdef int _insert(self, _TryQueue q, Stream s, int64_t due_ns) except -1
 
 
 cdef class Outbox:
@@ -90,6 +114,10 @@ cdef class Stream:
     cdef readonly int attempts       # times the request was sent again (any reason)
     cdef int redispatched            # of those, after REFUSED_STREAM / GOAWAY (capped at MAX_REDISPATCH)
     cdef public RetryOn retry        # server role: when to offer a failed attempt to retry.hook
+    cdef _TryQueue try_queue         # client role: the TryTimeouts queue its per-try timeout is in
+    cdef Stream try_next
+    cdef Stream try_prev
+    cdef int64_t try_due_ns
 
 
 cdef class H2Connection:

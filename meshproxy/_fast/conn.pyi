@@ -28,6 +28,8 @@ class RetryOn:
     on_reset: bool
     statuses: frozenset[int]
     grpc_mask: int
+    per_try_ns: int
+    timeouts: TryTimeouts | None
     hook: Callable[[Stream, Stream, int], object]
     def __init__(
         self,
@@ -38,8 +40,18 @@ class RetryOn:
         on_reset: bool = False,
         statuses: Iterable[int] = (),
         grpc_statuses: Iterable[int] = (),
+        per_try_ns: int = 0,
+        timeouts: TryTimeouts | None = None,
     ) -> None: ...
     def matches(self, status: int, grpc_status: int = -1) -> bool: ...
+
+class TryTimeouts:
+    slot_ns: int
+    timer_at_ns: int
+    def __init__(self, arm: Callable[[int], object], slot_ns: int = 5_000_000) -> None: ...
+    def __len__(self) -> int: ...
+    def add(self, s: Stream, due_ns: int) -> None: ...
+    def expire(self, now_ns: int) -> list[Stream]: ...
 
 class Outbox:
     def __init__(self) -> None: ...

@@ -55,7 +55,8 @@ from meshproxy.errors import (
 __all__ = [
     "EV_CLOSED", "EV_DATA", "EV_GOAWAY", "EV_IDLE", "EV_REQUEST", "EV_RESPONSE", "EV_RETRY", "EV_TERMINATED",
     "EV_TRAILERS",
-    "H2Connection", "Outbox", "RETRY_RESET", "RETRY_STATUS", "RetryOn", "Stream", "abandon", "link", "monotonic_ns",
+    "H2Connection", "Outbox", "RETRY_RESET", "RETRY_STATUS", "RetryOn", "Stream", "TryTimeouts", "abandon", "link",
+    "monotonic_ns",
 ]
 
 # Events returned by receive(), as tuples whose first item is one of these.
@@ -179,12 +180,26 @@ cdef class RetryOn:
     the attempt, keeps the request (body included) and raises ``EV_RETRY``
     for it; false, and the response (or the reset) goes downstream as it
     would have.
+
+    With ``per_try_ns`` > 0, every attempt ``open_forward`` sends for the
+    stream is also armed in ``timeouts`` (a ``TryTimeouts``), due that long
+    after the attempt's stream opened, and disarmed by the core when that
+    stream closes: a per-try timeout costs no Python per attempt.
     """
 
-    def __init__(self, hook, *, on_5xx=False, on_gateway=False, on_reset=False, statuses=(), grpc_statuses=()):
+    def __init__(self, hook, *, on_5xx=False, on_gateway=False, on_reset=False, statuses=(), grpc_statuses=(),
+                 int64_t per_try_ns=0, TryTimeouts timeouts=None):
         cdef uint32_t mask = 0
         if not callable(hook):
             raise TypeError("hook must be callable")
+        if per_try_ns < 0:
+            raise ValueError("per_try_ns must be >= 0")
+        if per_try_ns and timeouts is None:
+            raise ValueError("a per-try timeout needs the TryTimeouts to arm it in")
+        self.per_try_ns = per_try_ns
+        self.timeouts = timeouts
+        if per_try_ns:
+            self._try_queue = timeouts._queue(per_try_ns)
         for g in grpc_statuses:
             if not 0 <= g <= 31:
                 raise ValueError(f"grpc status {g} out of range")
@@ -206,6 +221,142 @@ cdef class RetryOn:
     def matches(self, int status, int grpc_status=-1):
         """Whether response headers with ``status`` (and, trailers-only, ``grpc_status``; -1 none) qualify."""
         return self.wants(status, grpc_status)
+
+
+cdef class _TryQueue:
+    pass
+
+
+cdef class TryTimeouts:
+    """Per-try timeouts of one worker's attempts, armed and disarmed in C.
+
+    Nearly every attempt of a route with a per-try timeout is armed and
+    almost none expires, so ``open_forward`` arms the attempt's upstream
+    stream and the stream's close disarms it, with no allocation and no
+    Python: each per-try timeout has a queue linked through its streams,
+    and as attempts open in time order with the same timeout, each new one
+    goes at the end of its queue.
+
+    The owner keeps one timer: ``arm(at_ns)`` is called whenever the
+    earliest attempt armed becomes due sooner than the timer, with its due
+    time rounded up to the next multiple of ``slot_ns`` (so expiries close
+    together share a wake-up, up to ``slot_ns`` late). The owner then calls
+    ``expire(now_ns)`` at that time: it takes out every attempt due by
+    ``now_ns``, sets the timer for the next one, and returns those still
+    waiting for response headers (open, linked to their request; after the
+    headers the request's deadline governs), earliest first for each
+    per-try timeout.
+    """
+
+    def __init__(self, arm, int64_t slot_ns=5_000_000):
+        if not callable(arm):
+            raise TypeError("arm must be callable")
+        if slot_ns <= 0:
+            raise ValueError("slot_ns must be > 0")
+        self._arm = arm
+        self.slot_ns = slot_ns
+        self._queues = {}
+        self._timer_at = 0
+
+    def __len__(self):
+        """The attempts armed."""
+        cdef _TryQueue q
+        cdef Py_ssize_t n = 0
+        for q in self._queues.values():
+            n += q.n
+        return n
+
+    @property
+    def timer_at_ns(self):
+        """When the owner's timer is to fire, 0: no attempt is armed."""
+        return self._timer_at
+
+    def add(self, Stream s not None, int64_t due_ns):
+        """Arm ``s`` (an open stream) to expire at ``due_ns``, instead of any time it was armed for."""
+        if s.state == S_CLOSED:
+            raise ValueError("the stream is closed")
+        if s.try_queue is not None:
+            _try_unlink(s)
+        self._insert(self._queue(-1), s, due_ns)
+
+    cdef _TryQueue _queue(self, int64_t key):
+        cdef _TryQueue q = self._queues.get(key)
+        if q is None:
+            q = self._queues[key] = _TryQueue.__new__(_TryQueue)
+        return q
+
+    cdef int _insert(self, _TryQueue q, Stream s, int64_t due_ns) except -1:
+        cdef Stream at = q.last
+        cdef int64_t t
+        # Due order from the end: one comparison when s is due last, the common case.
+        while at is not None and at.try_due_ns > due_ns:
+            at = at.try_prev
+        s.try_queue = q
+        s.try_due_ns = due_ns
+        s.try_prev = at
+        if at is None:
+            s.try_next = q.first
+            q.first = s
+        else:
+            s.try_next = at.try_next
+            at.try_next = s
+        if s.try_next is None:
+            q.last = s
+        else:
+            s.try_next.try_prev = s
+        q.n += 1
+        if at is None:
+            t = (due_ns // self.slot_ns + 1) * self.slot_ns
+            if self._timer_at == 0 or t < self._timer_at:
+                self._timer_at = t
+                self._arm(t)
+        return 0
+
+    def expire(self, int64_t now_ns):
+        """Take out the attempts due by ``now_ns``; those still waiting for response headers."""
+        cdef list out = []
+        cdef _TryQueue q
+        cdef Stream s, nxt
+        cdef int64_t t, next_at = 0
+        for q in self._queues.values():
+            s = q.first
+            while s is not None and s.try_due_ns <= now_ns:
+                nxt = s.try_next
+                s.try_queue = s.try_next = s.try_prev = None
+                q.n -= 1
+                if s.state != S_CLOSED and not s.recv_headers and s.peer is not None:
+                    out.append(s)
+                s = nxt
+            q.first = s
+            if s is None:
+                q.last = None
+            else:
+                s.try_prev = None
+                t = (s.try_due_ns // self.slot_ns + 1) * self.slot_ns
+                if next_at == 0 or t < next_at:
+                    next_at = t
+        self._timer_at = next_at
+        if next_at:
+            self._arm(next_at)
+        return out
+
+
+cdef inline int _try_unlink(Stream s) except -1:
+    # Take s out of its TryTimeouts queue (its attempt ended or it is re-armed). The owner's timer
+    # stays: if s was the earliest, the timer finds nothing due and moves on to the next one.
+    cdef _TryQueue q = s.try_queue
+    cdef Stream prev = s.try_prev, nxt = s.try_next
+    if prev is None:
+        q.first = nxt
+    else:
+        prev.try_next = nxt
+    if nxt is None:
+        q.last = prev
+    else:
+        nxt.try_prev = prev
+    q.n -= 1
+    s.try_queue = s.try_next = s.try_prev = None
+    return 0
 
 
 cdef class Outbox:
@@ -1200,7 +1351,8 @@ cdef class H2Connection:
         rewritten when given, ``grpc-timeout`` replaced by ``timeout_ns`` when
         that is >= 0 (the time left), and ``x-request-id`` added when absent
         and the connection generates them. DATA that arrived before the link
-        is forwarded now.
+        is forwarded now. When ``src.retry`` has a per-try timeout, the new
+        stream is armed in its ``TryTimeouts``.
         """
         cdef list out = []
         cdef tuple h
@@ -1264,6 +1416,9 @@ cdef class H2Connection:
         s.peer = src
         _send_headers(s, out, end)
         _release_held(src)
+        cdef RetryOn retry = src.retry
+        if retry is not None and retry.per_try_ns:
+            retry.timeouts._insert(retry._try_queue, s, s.t_open_ns + retry.per_try_ns)
         return s
 
     cdef bytes _make_request_id(self):
@@ -1488,6 +1643,8 @@ cdef class H2Connection:
             return 0
         s.state = S_CLOSED
         del self.streams[s.id]
+        if s.try_queue is not None:
+            _try_unlink(s)
         if (s.id & 1) == (1 if self.client else 0):
             self.open_local -= 1
         else:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from os import PathLike
 from pathlib import Path
+from typing import Any
 
 import yaml
 from google.protobuf import json_format
@@ -165,8 +166,31 @@ def load_file(path: str | PathLike[str], *, check: bool = True) -> SidecarConfig
 
 
 def to_dict(cfg: SidecarConfig) -> dict:
-    """``cfg`` in proto JSON form with snake_case names; fields at their default are left out."""
-    return json_format.MessageToDict(cfg, preserving_proto_field_name=True)
+    """``cfg`` in proto JSON form with snake_case names; fields at their default are left out, and
+    map entries (labels, port modes) sorted by key so that equal configs give equal dumps."""
+    d = json_format.MessageToDict(cfg, preserving_proto_field_name=True)
+    _sort_maps(cfg, d)
+    return d
+
+
+def _sort_maps(msg: Any, d: dict) -> None:
+    # Protobuf maps iterate in no set order (it can differ between two equal messages).
+    for field, value in msg.ListFields():
+        sub = d.get(field.name)
+        if field.message_type is None or sub is None:
+            continue
+        if field.message_type.GetOptions().map_entry:
+            d[field.name] = {k: sub[k] for k in sorted(sub)}
+            if field.message_type.fields_by_name["value"].message_type is not None:
+                for k, v in value.items():
+                    if isinstance(sub.get(str(k)), dict):
+                        _sort_maps(v, sub[str(k)])
+        elif isinstance(sub, list):  # a repeated message field
+            for m, item in zip(value, sub, strict=False):
+                if isinstance(item, dict):
+                    _sort_maps(m, item)
+        elif isinstance(sub, dict):
+            _sort_maps(value, sub)
 
 
 def to_yaml(cfg: SidecarConfig) -> str:

@@ -134,9 +134,14 @@ class RetryPolicy:
         self.budget_args = budget_args(msg.budget) if msg.HasField("budget") else None
         self.budget: Any = None  # the route's own RetryBudget, set by the worker's runtime
 
-    def bind(self, hook: Callable[[Any, Any, int], bool]) -> None:
-        """Build the compiled conditions with the worker's decision ``hook``."""
-        self.retry_on = h2.RetryOn(hook, **self.conditions)
+    def bind(self, hook: Callable[[Any, Any, int], bool], timeouts: Any = None) -> None:
+        """Build the compiled conditions with the worker's decision ``hook`` and, for a per-try
+        timeout, the worker's ``h2.TryTimeouts`` the core arms each attempt in."""
+        if self.per_try_ns and timeouts is None:
+            raise ValueError("a per-try timeout needs the worker's TryTimeouts")
+        self.retry_on = h2.RetryOn(
+            hook, per_try_ns=self.per_try_ns, timeouts=timeouts if self.per_try_ns else None, **self.conditions
+        )
 
     def backoff_ns(self, retry: int, draw: float) -> int:
         """The wait before retry number ``retry`` (1-based): full jitter, ``draw`` in [0, 1)."""

@@ -784,3 +784,21 @@ def test_file_errors_carry_the_field_path(tmp_path, text, path, reason):
     assert err.path == path
     assert reason in err.reason
     assert str(err) == f"{p}: {path}: {err.reason}"
+
+
+def test_yaml_dumps_maps_sorted_by_key_whatever_their_insertion_order():
+    # Protobuf maps iterate in no set order; two equal configs must still dump alike (config dumps are diffed).
+    keys = [f"k{i:02d}" for i in range(40)]
+    one, two = config.SidecarConfig(), config.SidecarConfig()
+    for k in keys:
+        one.node.labels[k] = "v"
+    for k in reversed(keys):
+        two.node.labels[k] = "v"
+    one.clusters.add(name="c").endpoints.add(address="127.0.0.1:1", labels={"version": "v1", "app": "a"})
+    two.clusters.add(name="c").endpoints.add(address="127.0.0.1:1", labels={"app": "a", "version": "v1"})
+    assert one == two
+    text = config.to_yaml(one)
+    assert text == config.to_yaml(two)
+    assert list(config.to_dict(one)["node"]["labels"]) == keys
+    assert list(config.to_dict(two)["clusters"][0]["endpoints"][0]["labels"]) == ["app", "version"]
+    assert config.from_yaml(text) == one

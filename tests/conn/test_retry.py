@@ -8,20 +8,11 @@ from __future__ import annotations
 import h2.events
 import pytest
 
-from meshproxy import conn_py
-from meshproxy._fast import conn as compiled
 from tests.conn import peers
 from tests.conn.peers import CANCEL, GRPC, INTERNAL_ERROR, POST, RESPONSE, Pair, Proxy
 
 TRAILERS_ONLY_14 = [(b":status", b"200"), (b"content-type", b"application/grpc"), (b"grpc-status", b"14")]
 BODY = b"\0\0\0\0\x05hello"
-
-
-@pytest.fixture(params=["compiled", "pure"])
-def C(request, monkeypatch):
-    mod = compiled if request.param == "compiled" else conn_py
-    monkeypatch.setattr(peers, "C", mod)
-    return mod
 
 
 class Hook:

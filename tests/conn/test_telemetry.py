@@ -26,15 +26,6 @@ PARENT = b"00f067aa0ba902b7"
 INCOMING = b"00-" + TID + b"-" + PARENT + b"-01"
 
 
-@pytest.fixture(params=["compiled", "pure"])
-def C(request, monkeypatch):
-    if request.param == "compiled" and COMPILED is None:
-        pytest.skip("the compiled twin is not built")
-    mod = COMPILED if request.param == "compiled" else conn_py
-    monkeypatch.setattr(peers, "C", mod)
-    return mod
-
-
 def grpc_messages(*bodies: bytes) -> bytes:
     return b"".join(b"\0" + struct.pack(">I", len(b)) + b for b in bodies)
 
