@@ -39,7 +39,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 test: lint debs
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 	MESHPROXY_NO_EXTENSIONS=1 $(PY) -m pytest -q -m "codec or lb or resilience" tests/codec tests/lb tests/resilience
 	MESHPROXY_NO_EXTENSIONS=1 $(PY) -m pytest -q tests/integration/test_interop.py tests/integration/test_grpc_proxy.py \
 	    tests/integration/test_mesh.py tests/integration/test_resilience.py tests/integration/test_health_check.py \

@@ -45,11 +45,25 @@ def sidecar_config(upstream: str, listen_port: int, dead_port: int, version: str
                                     "name": "who",
                                     "match": {"path": WHO},
                                     "route": {"clusters": [{"cluster": "backend", "subset": "v1"}]},
+                                    # Never used (the backend answers): for the config dump.
+                                    "timeout": "30s",
+                                    "retry_policy": {
+                                        "num_retries": 2,
+                                        "per_try_timeout": "10s",
+                                        "retry_on": ["unavailable", "reset"],
+                                        "budget": {"retry_ratio": 0.3, "min_retries_per_second": 4},
+                                    },
                                 },
                                 {
                                     "name": "dead",
                                     "match": {"prefix": "/admintest.Dead/"},
                                     "route": {"clusters": [{"cluster": "dead"}]},
+                                },
+                                {
+                                    "name": "faulty",
+                                    "match": {"prefix": "/admintest.Faulty/"},
+                                    "route": {"clusters": [{"cluster": "backend"}]},
+                                    "fault": {"abort": {"percentage": 100, "grpc_status": 14}},
                                 },
                             ],
                         }

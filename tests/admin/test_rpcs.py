@@ -54,7 +54,7 @@ def test_config_dump_whole(stub, sidecar):
     assert not dump.HasField("last_rejected")
     assert dump.last_updated.ToSeconds() > 0
     assert [ls.name for ls in dump.config.listeners] == ["main"]
-    assert [r.name for r in dump.config.listeners[0].virtual_hosts[0].routes] == ["who", "dead"]
+    assert [r.name for r in dump.config.listeners[0].virtual_hosts[0].routes] == ["who", "dead", "faulty"]
     assert [c.name for c in dump.config.clusters] == ["backend", "checked", "dead"]
     assert dump.config.clusters[0].endpoints[0].labels["version"] == "v1"
     resources = {(r.type, r.name): r for r in dump.resources}
@@ -67,6 +67,23 @@ def test_config_dump_whole(stub, sidecar):
     ]
     assert {r.version for r in resources.values()} == {"v1"}
     assert all(r.last_updated.ToSeconds() > 0 for r in resources.values())
+
+
+def test_config_dump_shows_the_resilience_settings_in_force(stub):
+    # Issue 5: retries (with the route's budget), timeouts, faults, breakers and outlier detection as applied.
+    dump = stub.GetConfigDump(admin_pb2.ConfigDumpRequest(types=["routes", "clusters"]), timeout=CALL_TIMEOUT)
+    routes = {r.name: r for r in dump.config.listeners[0].virtual_hosts[0].routes}
+    who = routes["who"]
+    assert who.timeout.ToSeconds() == 30
+    assert who.retry_policy.num_retries == 2 and who.retry_policy.per_try_timeout.ToSeconds() == 10
+    assert list(who.retry_policy.retry_on) == ["unavailable", "reset"]
+    assert who.retry_policy.budget.retry_ratio == pytest.approx(0.3)
+    assert who.retry_policy.budget.min_retries_per_second == 4
+    assert routes["faulty"].fault.abort.grpc_status == 14 and routes["faulty"].fault.abort.percentage == 100
+    clusters = {c.name: c for c in dump.config.clusters}
+    assert clusters["backend"].circuit_breakers.max_requests == 77
+    assert clusters["dead"].outlier_detection.consecutive_5xx == 1
+    assert clusters["dead"].outlier_detection.base_ejection_time.ToSeconds() == 300
 
 
 @pytest.mark.parametrize(
