@@ -150,7 +150,7 @@ class TryTimeouts:
         self._timer: asyncio.TimerHandle | None = None
 
     def _arm(self, at_ns: int) -> None:
-        # The wheel's earliest slot holding an attempt is now the one ending at at_ns.
+        # The earliest attempt armed is due by at_ns (its due time rounded up to a slot).
         if self._timer is not None:
             self._timer.cancel()
         self._timer = self.worker.loop.call_later(max(0.0, (at_ns - now_ns()) / 1e9), self._fire)

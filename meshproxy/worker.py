@@ -88,7 +88,9 @@ class Runtime:
     """The config in force: route tables by listener name, clusters by name.
 
     ``retry_hook`` is the worker's retry decision, given to the compiled
-    conditions of every route that retries. Retry budgets and the clusters'
+    conditions of every route that retries, and ``try_timeouts`` its
+    ``h2.TryTimeouts``, where the core arms the attempts of routes with a
+    per-try timeout. Retry budgets and the clusters'
     state (requests in flight, counters, outlier verdicts) carry over from
     ``previous`` while their settings stay the same: a config push must not
     hand out a fresh budget.

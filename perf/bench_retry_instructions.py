@@ -14,8 +14,9 @@ same YAML files; so are the request (the gRPC-shaped unary call from
 ``perf/bench_proxy.py``, driven by ``h2load`` against ``nghttpd``) and the
 pinning (sidecar on ``--proxy-cpu``, h2load and the backend on
 ``--client-cpu``). For each repetition, shape and config, in alternating
-order: start the sidecar under callgrind, let one request through, warm up
-with ``--warmup-requests``, zero the counters (``callgrind_control -z``),
+order: start the sidecar under callgrind (instrumentation off, for a quick
+start), let one request through, turn instrumentation on (``callgrind_control
+-i on``), warm up with ``--warmup-requests``, zero the counters (``-z``),
 run the measured requests, dump the counters (``callgrind_control -d``) and
 divide their total by the requests done. The sidecar's timers (the sweep,
 the per-try timer) run during the measured part too and are counted.
@@ -33,9 +34,9 @@ nearly the same speed).
 
 Usage::
 
-    .venv/bin/python perf/bench_retry_instructions.py               # 2 repetitions, both shapes, ~6 min
+    .venv/bin/python perf/bench_retry_instructions.py               # 2 repetitions, both shapes, ~3 min
     .venv/bin/python perf/bench_retry_instructions.py --repeat 3
-    .venv/bin/python perf/bench_retry_instructions.py --quick --json -   # smoke run, ~1-2 min
+    .venv/bin/python perf/bench_retry_instructions.py --quick --json -   # smoke run, ~30 s
 
 Results go to ``perf/results/bench_retry_instructions.{json,md}`` unless
 ``--json`` or ``--md`` say otherwise. Exit status: 0 when both configs were
@@ -82,9 +83,9 @@ class Failed(Exception):
     """One run could not be counted (the sidecar did not start, a tool failed, the load saw errors)."""
 
 
-def callgrind_control(tool: str, flag: str, pid: int, timeout: float) -> None:
-    """``callgrind_control FLAG PID``: it asks the running callgrind (through a file it polls) and waits."""
-    proc = subprocess.run([tool, flag, str(pid)], capture_output=True, text=True, timeout=timeout)
+def callgrind_control(tool: str, flag: str, pid: int, timeout: float, *value: str) -> None:
+    """``callgrind_control FLAG [VALUE] PID``: it asks the running callgrind (through a file it polls) and waits."""
+    proc = subprocess.run([tool, flag, *value, str(pid)], capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise Failed(f"callgrind_control {flag} failed: {(proc.stderr or proc.stdout).strip()[-300:]}")
 
@@ -152,7 +153,8 @@ class Counter:
         cfg.write_text(br.config_yaml(name, port, backend_port))
         out = self.tmp / f"callgrind-{name}-{shape}-{rep + 1}.out"
         cmd = [
-            self.valgrind, "--tool=callgrind", f"--callgrind-out-file={out}",
+            # Not instrumented until the sidecar serves (Python's start-up runs ~10x faster so).
+            self.valgrind, "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
             sys.executable, "-m", "meshproxy", "run", "--config", str(cfg),
             "--admin", f"127.0.0.1:{admin}", "--metrics", f"127.0.0.1:{metrics}",
         ]  # fmt: skip
@@ -163,6 +165,7 @@ class Counter:
         try:
             bp.wait_listening(proc, port, self.args.startup_timeout)
             self.probe(proc, url)
+            callgrind_control(self.control, "-i", proc.pid, 60, "on")
             warm = self.h2load(url, shape, self.args.warmup_requests or WARMUP[shape][quick], self.args.run_timeout)
             callgrind_control(self.control, "-z", proc.pid, 60)
             load = self.h2load(url, shape, self.requests(shape), self.args.run_timeout)
