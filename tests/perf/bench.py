@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 PERF = Path(__file__).resolve().parents[2] / "perf"
 
@@ -26,3 +28,17 @@ def quick_report(script: str) -> dict:
     proc = run_bench(script, "--quick", "--json", "--allow-pure")
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
+
+
+def load_script(name: str) -> ModuleType:
+    """``perf/<name>.py`` as a module, registered as ``name`` (dataclasses look their module up there); the
+    script puts perf/ on sys.path to import its siblings, which is undone here."""
+    saved = list(sys.path)
+    try:
+        spec = importlib.util.spec_from_file_location(name, PERF / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    finally:
+        sys.path[:] = saved
+    return module

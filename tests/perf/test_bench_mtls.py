@@ -9,11 +9,9 @@ failed (exit status 3).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -41,16 +39,7 @@ SHAPES = ("c10m10", "c1m1", "churn")
 
 
 def load_script() -> ModuleType:
-    """perf/bench_mtls.py as a module (it puts perf/ on sys.path to import its siblings: undone here)."""
-    saved = list(sys.path)
-    try:
-        spec = importlib.util.spec_from_file_location("bench_mtls", bench.PERF / "bench_mtls.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["bench_mtls"] = module  # its dataclasses look their module up there
-        spec.loader.exec_module(module)
-    finally:
-        sys.path[:] = saved
-    return module
+    return bench.load_script("bench_mtls")
 
 
 def run(tmp: Path, *args: str):

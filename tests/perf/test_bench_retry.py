@@ -9,11 +9,9 @@ that a sidecar which does not start is reported as failed (exit status 3).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -34,16 +32,7 @@ RATE = 8000
 
 
 def load_script() -> ModuleType:
-    """perf/bench_retry.py as a module (it puts perf/ on sys.path to import bench_proxy: undone here)."""
-    path = bench.PERF / "bench_retry.py"
-    saved = list(sys.path)
-    try:
-        spec = importlib.util.spec_from_file_location("bench_retry", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path[:] = saved
-    return module
+    return bench.load_script("bench_retry")
 
 
 def run(tmp: Path, *args: str):

@@ -9,11 +9,9 @@ runs of the same repetition, and that bad input exits 2 with one line.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -29,16 +27,7 @@ needs_cpus = pytest.mark.skipif(not {0, 1} <= os.sched_getaffinity(0), reason="n
 
 
 def load_script() -> ModuleType:
-    """perf/bench_retry_instructions.py as a module (it puts perf/ on sys.path: undone here)."""
-    saved = list(sys.path)
-    try:
-        path = bench.PERF / "bench_retry_instructions.py"
-        spec = importlib.util.spec_from_file_location("bench_retry_instructions", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path[:] = saved
-    return module
+    return bench.load_script("bench_retry_instructions")
 
 
 def test_the_summary_line_of_a_dump_is_read(tmp_path: Path) -> None:
