@@ -1787,7 +1787,9 @@ class H2Connection:
         """An answer made by the proxy: gRPC as trailers-only, else status + body.
 
         A request still being received is then reset with NO_ERROR (§8.1),
-        and a linked upstream stream is cancelled. Returns the events raised.
+        and a linked upstream stream is cancelled. A request without an
+        ``x-request-id`` gets one when the connection generates them.
+        Returns the events raised.
         """
         _typed(s, Stream, "s")
         status = _int32(status)
@@ -1799,6 +1801,10 @@ class H2Connection:
     def _respond(self, s: Stream, status: int, headers, body: bytes | None, grpc_status, grpc_message) -> None:
         if s._state == S_CLOSED or s._sent_headers:
             return
+        if s._request_id is None and self._generate_request_id and not self._client:
+            # Every request gets an id, as in Envoy's connection manager, the ones answered here too
+            # (the access log names them by it); open_forward makes it for the rest.
+            s._request_id = self._make_request_id()
         if s._peer is not None:
             peer = s._peer
             if peer._pending:

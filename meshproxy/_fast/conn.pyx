@@ -1472,7 +1472,9 @@ cdef class H2Connection:
         """An answer made by the proxy: gRPC as trailers-only, else status + body.
 
         A request still being received is then reset with NO_ERROR (§8.1),
-        and a linked upstream stream is cancelled. Returns the events raised.
+        and a linked upstream stream is cancelled. A request without an
+        ``x-request-id`` gets one when the connection generates them.
+        Returns the events raised.
         """
         self._respond(s, status, headers, body, grpc_status, grpc_message)
         return self._take_events()
@@ -1482,6 +1484,10 @@ cdef class H2Connection:
         cdef list hs
         if s.state == S_CLOSED or s.sent_headers:
             return 0
+        if s.request_id is None and self.generate_request_id and not self.client:
+            # Every request gets an id, as in Envoy's connection manager, the ones answered here too
+            # (the access log names them by it); open_forward makes it for the rest.
+            s.request_id = self._make_request_id()
         if s.peer is not None:
             peer = s.peer
             if peer.pending is not None and PyByteArray_GET_SIZE(peer.pending):

@@ -380,3 +380,33 @@ def test_trailers_pass_with_mode_set(C):
     p.forward(down)
     assert p.up.peer_of(h2.events.TrailersReceived)[0].headers == [(b"x-t", b"1")]
     assert down.grpc_msgs_recv == 1
+
+
+UUID4 = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+
+
+@pytest.mark.parametrize("grpc", [True, False])
+def test_a_request_the_proxy_answers_gets_an_x_request_id_too(C, grpc):
+    p = Proxy()
+    _, down = p.request(GRPC if grpc else REQUEST)
+    assert down.request_id is None
+    if grpc:
+        p.down.conn.respond(down, 200, (), b"", 12, "no route")
+    else:
+        p.down.conn.respond(down, 404, (), b"no route")
+    p.pump()
+    assert UUID4.fullmatch(down.request_id)
+    # Not sent back (Envoy does not either, by default): it is for the access log and traces.
+    (resp,) = [e for e in p.client_events(h2.events.ResponseReceived)]
+    assert b"x-request-id" not in dict(resp.headers)
+
+
+def test_an_answered_request_keeps_its_own_x_request_id_and_none_is_made_when_not_generating(C):
+    p = Proxy()
+    _, down = p.request([*REQUEST, (b"x-request-id", b"client-chosen")])
+    p.down.conn.respond(down, 404, (), b"no route")
+    assert down.request_id == b"client-chosen"
+    p = Proxy(generate_request_id=False)
+    _, down = p.request(REQUEST)
+    p.down.conn.respond(down, 404, (), b"no route")
+    assert down.request_id is None

@@ -10,6 +10,7 @@ import datetime
 import json
 import logging
 import os
+import re
 import select
 import threading
 import time
@@ -170,8 +171,8 @@ def test_a_request_answered_by_the_proxy(loop):
     assert line["response_code"] == 404 and line["response_flags"] == "NR"
     assert line["upstream_host"] is None and line["upstream_cluster"] is None and line["route_name"] is None
     assert line["upstream_service_time"] is None and line["trace_id"] is None
-    # The core makes up an x-request-id only for a request it forwards (open_forward).
-    assert line["x_request_id"] is None
+    # The core made up an x-request-id when it answered (as it does when it forwards).
+    assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", line["x_request_id"])
 
 
 def test_one_write_per_burst(loop):
