@@ -399,7 +399,9 @@ def test_deadline_met(echo: Echo, recorder: Recorder):
     deadline = 20.0
     assert echo.sleep(struct.pack(">d", 0.0), metadata=[(CALL_ID, call_id)], timeout=deadline) == b"slept"
     facts = recorder.wait(call_id, "slept")
-    assert 0 < facts["time_remaining"] <= deadline
+    # Within grpcio's own rounding of its header (up, to fewer digits: a 20 s deadline can go out as
+    # about 20.1 s, direct as through the sidecar, which passes on the time left of what it got).
+    assert 0 < facts["time_remaining"] <= deadline * 1.01 + 1
 
 
 def test_no_deadline_none_invented(channel: grpc.Channel, recorder: Recorder):
