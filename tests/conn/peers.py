@@ -48,6 +48,7 @@ GRPC = [
     (b"te", b"trailers"),
 ]
 RESPONSE = [(b":status", b"200")]
+GRPC_RESPONSE = [(b":status", b"200"), (b"content-type", b"application/grpc")]
 
 
 # -- frames by hand ------------------------------------------------------------------------------------------------
@@ -380,3 +381,13 @@ class Proxy:
 
     def client_events(self, kind: type, sid: int | None = None) -> list:
         return [e for e in self.down.peer_of(kind) if sid is None or e.stream_id == sid]
+
+
+def respond_upstream(p: Proxy, up, headers=RESPONSE, body: bytes = b"", trailers=None) -> None:
+    """The h2 server answers the upstream stream ``up``: headers, then ``body`` and ``trailers`` if given."""
+    p.server.send_headers(up.id, headers, end_stream=not body and trailers is None)
+    if body:
+        p.server.send_data(up.id, body, end_stream=trailers is None)
+    if trailers is not None:
+        p.server.send_headers(up.id, trailers, end_stream=True)
+    p.pump()

@@ -15,6 +15,7 @@ from meshproxy._fast import conn as C
 from tests.conn.peers import (
     CANCEL,
     GRPC,
+    GRPC_RESPONSE,
     INITIAL_WINDOW_SIZE,
     INTERNAL_ERROR,
     NO_ERROR,
@@ -26,10 +27,10 @@ from tests.conn.peers import (
     Proxy,
     events_of,
     of,
+    respond_upstream,
 )
 
 UUID4 = re.compile(rb"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
-GRPC_RESPONSE = [(b":status", b"200"), (b"content-type", b"application/grpc")]
 
 
 def feed(conn, sid: int, body: bytes, offset: int, end: bool = True) -> int:
@@ -56,15 +57,6 @@ def bounded(p: Proxy, *streams: C.Stream):
                 assert s.pending_bytes <= down_window, (s, s.pending_bytes)
 
     return check
-
-
-def respond_upstream(p: Proxy, up: C.Stream, headers=RESPONSE, body: bytes = b"", trailers=None) -> None:
-    p.server.send_headers(up.id, headers, end_stream=not body and trailers is None)
-    if body:
-        p.server.send_data(up.id, body, end_stream=trailers is None)
-    if trailers is not None:
-        p.server.send_headers(up.id, trailers, end_stream=True)
-    p.pump()
 
 
 def client_response(p: Proxy, sid: int) -> list:

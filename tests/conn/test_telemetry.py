@@ -14,12 +14,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from meshproxy import conn, conn_py
+from meshproxy import conn_py
 from tests.conn import peers
-from tests.conn.peers import GRPC, POST, REQUEST, Pair, Proxy, Raw, data, headers_frame
+from tests.conn.conftest import COMPILED
+from tests.conn.peers import GRPC, GRPC_RESPONSE, POST, REQUEST, Pair, Proxy, Raw, data, headers_frame, respond_upstream
 
-COMPILED = conn.compiled()
-GRPC_RESPONSE = [(b":status", b"200"), (b"content-type", b"application/grpc")]
 TRACEPARENT = re.compile(rb"^00-([0-9a-f]{32})-([0-9a-f]{16})-(0[01])$")
 TID = b"4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT = b"00f067aa0ba902b7"
@@ -36,15 +35,6 @@ def sent_upstream(p: Proxy) -> list[tuple[bytes, bytes]]:
 
 def header_values(headers, name: bytes) -> list[bytes]:
     return [v for k, v in headers if k == name]
-
-
-def respond_upstream(p: Proxy, up, headers=GRPC_RESPONSE, body: bytes = b"", trailers=None) -> None:
-    p.server.send_headers(up.id, headers, end_stream=not body and trailers is None)
-    if body:
-        p.server.send_data(up.id, body, end_stream=trailers is None)
-    if trailers is not None:
-        p.server.send_headers(up.id, trailers, end_stream=True)
-    p.pump()
 
 
 def traced(C, mode: int, extra=(), sampling: float = 1.0, grpc: bool = True) -> tuple[object, list]:
